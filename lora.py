@@ -1,0 +1,58 @@
+"""LoRA: Low-Rank Adaptation of Large Language Models (Hu et al., 2021).
+
+The baseline every nonlinear variant in this repository is compared against.
+A frozen linear layer W0 gets a trainable low-rank update:
+
+    h = W0 x + (alpha / r) * B A dropout(x)              (LoRA, Eq. 3)
+
+A (r x in) starts Kaiming-uniform, B (out x r) starts at zero, so the wrapped
+layer equals the base layer at initialization. The update lives in weight space,
+dW = (alpha / r) * B A, so it merges exactly into W0 for inference.
+
+This file imports only torch and can be copied alone into another project.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class LoRALinear(nn.Module):
+    exact_merge = True  # merged() reproduces forward() for every input
+
+    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0):
+        super().__init__()
+        if not isinstance(r, int) or r < 1 or r > min(base.in_features, base.out_features):
+            raise ValueError(f"r={r!r}: the rank must be an integer in [1, {min(base.in_features, base.out_features)}]")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout={dropout!r}: must be in [0, 1)")
+        self.base = base.requires_grad_(False)  # W0 (and its bias) stay frozen
+        self.r, self.alpha, self.scale = r, alpha, alpha / r
+        # adapter parameters live in float32 whatever the base dtype: Adam on bf16 factors loses updates
+        kw = dict(device=base.weight.device, dtype=torch.float32)
+        self.A = nn.Parameter(torch.empty(r, base.in_features, **kw))
+        self.B = nn.Parameter(torch.zeros(base.out_features, r, **kw))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # as nn.Linear and HF PEFT
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x):
+        # x -> A -> B: two thin matmuls, the (out x in) update is never built
+        z = F.linear(F.linear(self.dropout(x).to(self.A.dtype), self.A), self.B)
+        return self.base(x) + (self.scale * z).to(x.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scale * (self.B @ self.A)  # dW = (alpha / r) B A, float32
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """A new nn.Linear holding W0 + dW (cast once to the base dtype); the original is untouched."""
+        w0 = self.base.weight
+        out = nn.Linear(w0.shape[1], w0.shape[0], bias=self.base.bias is not None, device=w0.device, dtype=w0.dtype)
+        out.weight.copy_((w0.float() + self.delta_weight()).to(w0.dtype))
+        if self.base.bias is not None:
+            out.bias.copy_(self.base.bias)
+        return out.requires_grad_(False)
+
+    def extra_repr(self):
+        return f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}"
