@@ -1,0 +1,115 @@
+"""AuroRA: Breaking Low-Rank Bottleneck of LoRA with Nonlinear Mapping (Dong et al., 2025).
+
+AuroRA puts an Adaptive Nonlinear Layer (ANL) sigma between LoRA's two projectors:
+
+    h = W0 x + scale * B sigma(A x)                                  (Eq. 4, training)
+    sigma(z) = F(z) + L(z)                                           (Eq. 5)
+    F(z) = tanh(H tanh(z))         fixed nonlinearity, H is r x r    (Eq. 6)
+    L(z) = W_s s(z),  s(z) = sum_i Bspline(z_i) in R^8               (Eq. 7)
+    sigma(z) = tanh(H tanh(z)) + W_s sum_i Bspline(z_i)              (Eq. 8)
+
+A (r x in) is Kaiming-uniform and B (out x r) zero, so the wrapped layer equals the base layer
+at initialization. The ANL adds r^2 + 8r scalars per module (H and W_s): 20 at the paper's r = 2.
+
+Inference (App. B): the paper merges the static form dW = scale * B sigma(A), sigma applied to
+each column of A, and runs h = W0 x + B sigma(A) x (Eq. 9). For the paper's default
+mode="dynamic" (train on B sigma(A x)) that merge is NOT exact, because sigma(A x) != sigma(A) x
+for a nonlinear sigma: exact_merge is False and delta_weight() returns the paper's merge.
+mode="static" (the paper's AuroRA-S, Table 7) trains on B sigma(A) x itself and merges exactly.
+The Table 4 ablations drop a part: fixed=False (w/o F, no H), learnable=False (w/o L, no W_s).
+
+This file imports only torch and can be copied alone into another project.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# not specified by the paper: the spline (efficient-KAN's defaults): cubic B-splines, 5 uniform
+# intervals on [-1, 1], the knots extended by 3 on each side -> 5 + 3 = 8 basis functions
+GRID_LO, GRID_HI, INTERVALS = -1.0, 1.0, 5
+NUM_BASIS = INTERVALS + 3
+
+
+def bspline(z: torch.Tensor) -> torch.Tensor:
+    """The 8 cubic B-spline basis functions at z: (...,) -> (..., 8).
+
+    On a uniform grid (spacing h) basis j is the cardinal cubic B-spline centred on knot t_{j+2}
+    (centres -1.4, -1.0, ..., 1.4; support [-2.2, 2.2] in all). In the distance y = |z - c_j| / h:
+        beta(y) = ((2 - y)_+^3 - 4 (1 - y)_+^3) / 6
+    the closed form of the Cox-de Boor recursion: one element-wise expression, no loop, exactly 0
+    for y >= 2 (no cancellation for large |z|), and the 8 values sum to 1 on [-1, 1].
+    """
+    h = (GRID_HI - GRID_LO) / INTERVALS
+    centres = GRID_LO + h * torch.arange(-1, NUM_BASIS - 1, device=z.device, dtype=z.dtype)
+    y = ((z.unsqueeze(-1) - centres) / h).abs()
+    return (F.relu(2 - y) ** 3 - 4 * F.relu(1 - y) ** 3) / 6
+
+
+class AuroRALinear(nn.Module):
+    exact_merge: bool  # set per instance: True for mode="static", False for mode="dynamic"
+
+    def __init__(self, base: nn.Linear, r: int = 2, alpha: float = 4, dropout: float = 0.0,
+                 mode: str = "dynamic", fixed: bool = True, learnable: bool = True):
+        super().__init__()
+        if not isinstance(r, int) or r < 1 or r > min(base.in_features, base.out_features):
+            raise ValueError(f"r={r!r}: the rank must be an integer in [1, {min(base.in_features, base.out_features)}]")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout={dropout!r}: must be in [0, 1)")
+        if mode not in ("dynamic", "static"):
+            raise ValueError(f"mode={mode!r}: choose 'dynamic' (train on B sigma(Ax)) or 'static' (train on B sigma(A) x)")
+        if not (fixed or learnable):
+            raise ValueError("fixed=False, learnable=False: sigma would be 0; keep at least one part of the ANL")
+        self.base = base.requires_grad_(False)  # W0 (and its bias) stay frozen
+        self.r, self.alpha, self.scale = r, alpha, alpha / r  # App. G: r = 2, alpha = 4
+        self.mode, self.fixed, self.learnable = mode, bool(fixed), bool(learnable)
+        self.exact_merge = mode == "static"  # the static form is linear in x, the dynamic one is not
+        # adapter parameters live in float32 whatever the base dtype: Adam on bf16 factors loses updates
+        kw = dict(device=base.weight.device, dtype=torch.float32)
+        self.A = nn.Parameter(torch.empty(r, base.in_features, **kw))  # P_down
+        self.B = nn.Parameter(torch.zeros(base.out_features, r, **kw))  # P_up, zero: h = W0 x at init
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # as LoRA
+        if self.fixed:  # P_self of Eq. 6
+            self.H = nn.Parameter(torch.empty(r, r, **kw))
+            nn.init.xavier_normal_(self.H)  # not specified by the paper: Xavier-normal
+        if self.learnable:  # spline weights of Eq. 7, one row of 8 per output channel
+            self.W_s = nn.Parameter(torch.empty(r, NUM_BASIS, **kw))
+            nn.init.uniform_(self.W_s, -0.1, 0.1)  # not specified by the paper: U(-0.1, 0.1)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def sigma(self, z: torch.Tensor) -> torch.Tensor:
+        """The ANL on the last axis of z (..., r) -> (..., r)."""
+        # F(z) = tanh(H tanh(z)), Eq. 6; dropped for the Table 4 ablation "w/o F"
+        F_z = torch.tanh(F.linear(torch.tanh(z), self.H)) if self.fixed else 0.0
+        # L(z) = W_s s(z), Eq. 7; dropped for "w/o L". not specified by the paper: s(z) sums the
+        # r channels' 8 basis values (as Eq. 7 writes it), W_s gives each output channel its own mix
+        L_z = F.linear(bspline(z).sum(-2), self.W_s) if self.learnable else 0.0
+        return F_z + L_z  # sigma(z) = F(z) + L(z), Eqs. 5 and 8
+
+    def forward(self, x):
+        x_ = self.dropout(x).to(self.A.dtype)
+        if self.mode == "dynamic":
+            u = self.sigma(F.linear(x_, self.A))  # sigma(A x): input-dependent, Eq. 4
+        else:
+            u = F.linear(x_, self.sigma(self.A.T).T)  # sigma(A) x: sigma on each column of A, Eq. 9
+        return self.base(x) + (self.scale * F.linear(u, self.B)).to(x.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        # dW = scale * B sigma(A), Eq. 3: exact for mode="static"; for "dynamic" it is the paper's
+        # static inference form (App. B.1), an approximation of B sigma(A x): see exact_merge
+        return self.scale * (self.B @ self.sigma(self.A.T).T)
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """A new nn.Linear holding W0 + dW (cast once to the base dtype); the original is untouched."""
+        w0 = self.base.weight
+        out = nn.Linear(w0.shape[1], w0.shape[0], bias=self.base.bias is not None, device=w0.device, dtype=w0.dtype)
+        out.weight.copy_((w0.float() + self.delta_weight()).to(w0.dtype))
+        if self.base.bias is not None:
+            out.bias.copy_(self.base.bias)
+        return out.requires_grad_(False)
+
+    def extra_repr(self):
+        return (f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}, mode={self.mode}, "
+                f"fixed={self.fixed}, learnable={self.learnable}")
