@@ -1,0 +1,112 @@
+"""GenLoRA: Nonlinearity as Rank: Generative Low-Rank Adapters with Radial Basis Functions
+(Ouyang et al., 2025).
+
+LoRA stores its r basis vectors explicitly, r(m + n) numbers. GenLoRA keeps one latent
+vector per factor, z_B (m) and z_A (n), and *generates* the basis vectors from them with r
+pairs of small RBF generators (§3.1):
+
+    b_i = f^B_i(z_B; θ^B_i),   a_i = f^A_i(z_A; θ^A_i)                       (Eq. 2)
+    B = [b_1, ..., b_r],   A = [a_1, ..., a_r]^T                             (Eq. 3)
+    ΔW = scale · B A = scale · Σ_i b_i a_i^T,   h = W0 x + ΔW x              (Eq. 4)
+
+A generator splits its latent z into G sub-vectors x_g of length d_g = d / G and maps each
+with its own scalar function (§3.2-3.3):
+
+    f_i(z) = concat(φ_{i,1}(x_1), ..., φ_{i,G}(x_G))                          (Eq. 5)
+    x̂_g = (x_g − mean(x_g)) / (std(x_g) + ε)                                 (Eq. 6)
+    φ_{i,g}(x_g) = w_b · SiLU(x̂_g) + F_RBF(x̂_g)                             (Eq. 7)
+    φ_k(x̂) = exp(−((x̂ − μ_k) / h)²),  K centers μ_k uniform on [−3, 3]       (Eq. 8)
+    F_RBF(x̂_g) = Σ_k w_k φ_k(x̂_g),   h = 6 / (K − 1), the grid spacing       (Eq. 9)
+
+So each (generator i, group g) holds 1 + K scalars, stored as theta[i, g] = (w_b, w_1..w_K):
+m + n + 2 r G (1 + K) trainable numbers per layer, not r(m + n). rank(ΔW) ≤ r still
+(Prop. 3.1). Init (App. I.3): z_A Kaiming-uniform and θ_A ~ N(0, 1/d_g) per generator;
+z_B = 0 and θ_B = 0, so B = 0 and ΔW = 0. The nonlinearity acts on parameters, not on
+activations, so ΔW merges exactly into W0 (App. E).
+
+This file imports only torch and can be copied alone into another project.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class GenLoRALinear(nn.Module):
+    exact_merge = True  # B and A are fixed matrices once trained: merged() reproduces forward()
+    eps = 1e-5  # ε of Eq. 6 (not specified by the paper: its value)
+
+    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 8, dropout: float = 0.0,
+                 groups: int = 16, num_centers: int = 15):
+        super().__init__()
+        m, n = base.out_features, base.in_features
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"r={r!r}: the rank (number of generator pairs) must be an integer >= 1")
+        # not specified by the paper: >= 2 entries per group, else Eq. 6 maps every entry to 0
+        valid = [g for g in range(1, math.gcd(m, n) + 1) if m % g == n % g == 0 and min(m, n) // g >= 2]
+        if not isinstance(groups, int) or groups not in valid:
+            raise ValueError(f"groups={groups!r}: must divide in_features={n} and out_features={m} leaving "
+                             f">= 2 entries per group; valid: {valid}")
+        if not isinstance(num_centers, int) or num_centers < 2:
+            raise ValueError(f"num_centers={num_centers!r}: the RBF grid needs an integer >= 2 centers")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout={dropout!r}: must be in [0, 1)")
+        self.base = base.requires_grad_(False)  # W0 (and its bias) stay frozen
+        self.r, self.alpha, self.scale = r, alpha, alpha / r
+        self.groups, self.num_centers = groups, num_centers
+        # adapter parameters live in float32 whatever the base dtype: Adam on bf16 weights loses updates
+        kw = dict(device=base.weight.device, dtype=torch.float32)
+        self.z_B = nn.Parameter(torch.zeros(m, **kw))  # latent of B, zero (App. I.3)
+        self.z_A = nn.Parameter(torch.empty(n, **kw))  # latent of A
+        # not specified by the paper: Kaiming's a=√5 and fan_in = n (z_A as a 1×n matrix), as LoRA's A
+        nn.init.kaiming_uniform_(self.z_A.view(1, n), a=math.sqrt(5))
+        # θ[i, g] = (w_b, w_1, ..., w_K) of φ_{i,g} (Eqs. 7, 9): B side zero, A side N(0, 1/d_g), i.i.d.
+        self.theta_B = nn.Parameter(torch.zeros(r, groups, 1 + num_centers, **kw))
+        self.theta_A = nn.Parameter(torch.randn(r, groups, 1 + num_centers, **kw) / math.sqrt(n // groups))
+        self.register_buffer("mu", torch.linspace(-3.0, 3.0, num_centers, **kw), persistent=False)  # Eq. 8
+        self.h = 6.0 / (num_centers - 1)  # bandwidth = grid spacing (App. I.3)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def generate(self, z: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """All r generators on one latent z (d,): the (d, r) matrix whose column i is f_i(z)."""
+        # Eqs. 5-6: split z into G groups, normalize each by its own mean and deviation: GroupNorm of one
+        # sample, one fused kernel. Its ε sits inside the root, (x - μ)/sqrt(σ² + ε²): Eq. 6's (x - μ)/(σ + ε)
+        # up to O(ε/σ), with a finite gradient at σ = 0 (z_B = 0 at init), where d√var/dvar is infinite and a
+        # hand-written √var gives NaN. Not specified by the paper: population σ (as InstanceNorm, Alg. 1)
+        x_hat = F.group_norm(z[None], self.groups, eps=self.eps ** 2).view(self.groups, -1)  # (G, d_g)
+        # Eqs. 7-8: the responses SiLU(x̂) and φ_1..φ_K(x̂) are computed once, shared by all r generators
+        rbf = torch.exp(-((x_hat[..., None] - self.mu) / self.h) ** 2)  # (G, d_g, K)       Eq. 8
+        basis = torch.cat([F.silu(x_hat)[..., None], rbf], dim=-1)  # (G, d_g, 1 + K)
+        # Eqs. 7, 9 and 5: φ_{i,g} = w_b SiLU(x̂_g) + Σ_k w_k φ_k(x̂_g), groups concatenated along d
+        return torch.einsum("gdk,igk->gdi", basis, theta).reshape(z.shape[0], self.r)
+
+    @property
+    def B(self) -> torch.Tensor:
+        return self.generate(self.z_B, self.theta_B)  # (out, r), column i = b_i     Eqs. 2-3
+
+    @property
+    def A(self) -> torch.Tensor:
+        return self.generate(self.z_A, self.theta_A).T  # (r, in), row i = a_i      Eqs. 2-3
+
+    def forward(self, x):
+        # x -> A -> B: two thin matmuls, the (out x in) update is never built; scale folded into the small B
+        z = F.linear(F.linear(self.dropout(x).to(self.z_A.dtype), self.A), self.scale * self.B)
+        return self.base(x) + z.to(x.dtype)  # Eq. 4
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scale * (self.B @ self.A)  # ΔW = scale · B A (Eq. 4), float32
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """A new nn.Linear holding W0 + ΔW (cast once to the base dtype); the original is untouched."""
+        w0 = self.base.weight
+        out = nn.Linear(w0.shape[1], w0.shape[0], bias=self.base.bias is not None, device=w0.device, dtype=w0.dtype)
+        out.weight.copy_((w0.float() + self.delta_weight()).to(w0.dtype))
+        if self.base.bias is not None:
+            out.bias.copy_(self.base.bias)
+        return out.requires_grad_(False)
+
+    def extra_repr(self):
+        return (f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}, groups={self.groups}, "
+                f"num_centers={self.num_centers}")
