@@ -1,0 +1,120 @@
+"""RanLoRA: Residual-aware Nonlinear Low-Rank Adaptation (ranlora.md, §3).
+
+Residual-aware initialization (§3.2). The pretrained weight is split by its SVD
+
+    W0 = U S V^T                                                         (Eq. 3)
+    W_R = U_r S_r V_r^T     the r smallest singular triplets (residual)  (Eq. 5)
+    W_P = W0 - W_R          the principal part, frozen                   (Eqs. 4, 6)
+    B = U_r (S_r/s)^1/2,  A = (S_r/s)^1/2 V_r^T,  so s * B A = W_R       (Eq. 7, scale s)
+
+Architecture (§3.3): a nonlinearity and a learnable modulation vector v in the bottleneck
+
+    h = W_P x + s * B (v ⊙ GELU(A x))                                    (Eq. 8)
+
+with s = alpha / r (alpha = 2r: s = 2, App. C.3). Trainable: A, B, v, i.e. r(in + out) + r
+scalars (§3.5). GELU is the paper's choice; ReLU and Tanh are its Table 7, and
+activation="identity" is its "w/o act" ablation (Table 6).
+
+At init the layer is NOT exactly the pretrained one: it computes W0 x + s B (GELU(A x) - A x).
+init_gap(x) returns that difference. GELU acts on the activations A x, so there is no
+weight-space update to merge: exact_merge is False and delta_weight() raises. With
+activation="identity", dW = s B diag(v) A on top of W_P merges exactly.
+
+This file imports only torch and the standard library and can be copied alone into another project.
+"""
+import time
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "identity": nn.Identity}  # Eq. 8, Tables 6-7
+
+
+class RanLoRALinear(nn.Module):
+    exact_merge = False  # for the default GELU; each instance sets it from its activation
+
+    def __init__(self, base: nn.Linear, r: int = 2, alpha: float = 4, dropout: float = 0.0, activation: str = "gelu"):
+        super().__init__()
+        m, n = base.out_features, base.in_features
+        if not isinstance(r, int) or r < 1 or r > min(m, n):
+            raise ValueError(f"r={r!r}: the rank must be an integer in [1, {min(m, n)}]")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout={dropout!r}: must be in [0, 1)")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r}: unknown activation (choose from {', '.join(ACTIVATIONS)})")
+        self.r, self.alpha, self.scale, self.activation = r, alpha, alpha / r, activation
+        self.exact_merge = activation == "identity"  # identity: h = (W_P + s B diag(v) A) x, a plain linear map
+
+        # residual-aware initialization (§3.2), in float32 where the weight lives (GPU when there is one)
+        t0 = time.perf_counter()
+        W0 = base.weight.detach().float()
+        # thin SVD: torch has no routine for only the smallest triplets, but full_matrices=False at least
+        # skips the (in x in) factor Eq. 3 writes (822 MB in float32 for LLaMA-3-8B's down_proj)
+        U, S, Vh = torch.linalg.svd(W0, full_matrices=False)  # Eq. 3, S descending
+        U_r, S_r, Vh_r = U[:, -r:], S[-r:], Vh[-r:]  # the r smallest singular triplets (Eq. 5)
+        # not specified by the paper: the sign of each pair (u_i, v_i). GELU is not odd, so the sign changes
+        # the model; make the largest |entry| of each u_i positive so every library and device agree
+        sign = U_r.gather(0, U_r.abs().argmax(0, keepdim=True)).sign()
+        U_r, Vh_r = U_r * sign, Vh_r * sign.T
+        W_R = (U_r * S_r) @ Vh_r  # Eq. 5
+        # W_P is the complement of W_R, so W0 = W_P + W_R holds exactly (Eq. 6); Eq. 4's printed
+        # indices (m = d_out - r - 1) would drop one more triplet
+        # not specified by the paper: W_P goes into a NEW frozen Linear (base dtype, bias copied); the
+        # caller's layer is left untouched, so it can still serve as the reference "base" model
+        self.base = torch.nn.utils.skip_init(nn.Linear, n, m, bias=base.bias is not None, device=W0.device, dtype=base.weight.dtype)
+        with torch.no_grad():
+            self.base.weight.copy_(W0 - W_R)  # Eq. 4 / 6, cast once to the base dtype
+            if base.bias is not None:
+                self.base.bias.copy_(base.bias)
+        self.base.requires_grad_(False)
+        # adapter parameters live in float32 whatever the base dtype: Adam on bf16 factors loses updates
+        root = (S_r / self.scale).clamp_min(0).sqrt()  # scale-aware Eq. 7: s * B A = U_r S_r V_r^T
+        self.B = nn.Parameter(U_r * root)  # (out x r), Eq. 7
+        self.A = nn.Parameter(root[:, None] * Vh_r)  # (r x in), Eq. 7
+        self.v = nn.Parameter(torch.ones(r, device=W0.device))  # not specified by the paper: v = 1
+        self.act = ACTIVATIONS[activation]()
+        # not specified by the paper: where dropout goes; as LoRA, on the adapter path's input
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if W0.device.type == "cuda":
+            torch.cuda.synchronize(W0.device)  # time the SVD, not its launch
+        self.init_seconds = time.perf_counter() - t0
+        if W0.device.type != "meta" and S_r.max() <= S.max() * max(m, n) * torch.finfo(torch.float32).eps:
+            # A = B = 0 is a stationary point of Eq. 8 (every gradient is zero): this adapter would never train
+            warnings.warn(f"RanLoRA: the {r} smallest singular values of this {m}x{n} weight are zero (rank-deficient); A = B = 0 and the adapter cannot train")
+
+    def forward(self, x):
+        z = F.linear(self.dropout(x).to(self.A.dtype), self.A)  # A x
+        h = F.linear(self.v * self.act(z), self.B)  # B (v ⊙ GELU(A x))            (Eq. 8)
+        return self.base(x) + (self.scale * h).to(x.dtype)  # W_P x + s B (...)    (Eq. 8)
+
+    @torch.no_grad()
+    def init_gap(self, x) -> torch.Tensor:
+        """s B (v ⊙ (act(A x) - A x)) in float32: what the nonlinearity adds to the linear residual path.
+
+        Before training (v = 1, s B A = W_R) this is exactly forward(x) - W0 x, the gap between the
+        wrapped layer and the pretrained one; it is zero for activation="identity"."""
+        z = F.linear(x.to(self.A.dtype), self.A)
+        return self.scale * F.linear(self.v * (self.act(z) - z), self.B)
+
+    def delta_weight(self) -> torch.Tensor:
+        if not self.exact_merge:
+            raise NotImplementedError(
+                f"RanLoRA with activation={self.activation!r} has no weight-space update: {self.activation} acts on the "
+                f"activations A x, so B (v ⊙ {self.activation}(A x)) depends on x and equals dW x for no fixed dW; "
+                "the adapter stays at inference (activation='identity', the paper's 'w/o act', merges exactly)")
+        return self.scale * ((self.B * self.v) @ self.A)  # dW = s B diag(v) A on top of W_P, float32
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """A new nn.Linear holding W_P + dW (cast once to the base dtype); raises where there is no dW."""
+        dW, w = self.delta_weight(), self.base.weight
+        out = nn.Linear(w.shape[1], w.shape[0], bias=self.base.bias is not None, device=w.device, dtype=w.dtype)
+        out.weight.copy_((w.float() + dW).to(w.dtype))
+        if self.base.bias is not None:
+            out.bias.copy_(self.base.bias)
+        return out.requires_grad_(False)
+
+    def extra_repr(self):
+        return f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}, activation={self.activation}, init_seconds={self.init_seconds:.3f}"
