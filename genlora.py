@@ -18,7 +18,7 @@ with its own scalar function (§3.2-3.3):
     φ_k(x̂) = exp(−((x̂ − μ_k) / h)²),  K centers μ_k uniform on [−3, 3]       (Eq. 8)
     F_RBF(x̂_g) = Σ_k w_k φ_k(x̂_g),   h = 6 / (K − 1), the grid spacing       (Eq. 9)
 
-So each (generator i, group g) holds 1 + K scalars, stored as theta[i, g] = (w_b, w_1..w_K):
+So each (generator i, group g) holds 1 + K scalars, stored as theta[g, :, i] = (w_b, w_1..w_K):
 m + n + 2 r G (1 + K) trainable numbers per layer, not r(m + n). rank(ΔW) ≤ r still
 (Prop. 3.1). Init (App. I.3): z_A Kaiming-uniform and θ_A ~ N(0, 1/d_g) per generator;
 z_B = 0 and θ_B = 0, so B = 0 and ΔW = 0. The nonlinearity acts on parameters, not on
@@ -61,9 +61,10 @@ class GenLoRALinear(nn.Module):
         self.z_A = nn.Parameter(torch.empty(n, **kw))  # latent of A
         # not specified by the paper: Kaiming's a=√5 and fan_in = n (z_A as a 1×n matrix), as LoRA's A
         nn.init.kaiming_uniform_(self.z_A.view(1, n), a=math.sqrt(5))
-        # θ[i, g] = (w_b, w_1, ..., w_K) of φ_{i,g} (Eqs. 7, 9): B side zero, A side N(0, 1/d_g), i.i.d.
-        self.theta_B = nn.Parameter(torch.zeros(r, groups, 1 + num_centers, **kw))
-        self.theta_A = nn.Parameter(torch.randn(r, groups, 1 + num_centers, **kw) / math.sqrt(n // groups))
+        # θ[g, :, i] = (w_b, w_1, ..., w_K) of φ_{i,g} (Eqs. 7, 9), laid out (G, 1+K, r) so that Eq. 5 is one
+        # batched matmul without copies. B side zero; A side N(0, 1/d_g), i.i.d. for every generator
+        self.theta_B = nn.Parameter(torch.zeros(groups, 1 + num_centers, r, **kw))
+        self.theta_A = nn.Parameter(torch.randn(groups, 1 + num_centers, r, **kw) / math.sqrt(n // groups))
         self.register_buffer("mu", torch.linspace(-3.0, 3.0, num_centers, **kw), persistent=False)  # Eq. 8
         self.h = 6.0 / (num_centers - 1)  # bandwidth = grid spacing (App. I.3)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -79,7 +80,7 @@ class GenLoRALinear(nn.Module):
         rbf = torch.exp(-((x_hat[..., None] - self.mu) / self.h) ** 2)  # (G, d_g, K)       Eq. 8
         basis = torch.cat([F.silu(x_hat)[..., None], rbf], dim=-1)  # (G, d_g, 1 + K)
         # Eqs. 7, 9 and 5: φ_{i,g} = w_b SiLU(x̂_g) + Σ_k w_k φ_k(x̂_g), groups concatenated along d
-        return torch.einsum("gdk,igk->gdi", basis, theta).reshape(z.shape[0], self.r)
+        return torch.bmm(basis, theta).view(z.shape[0], self.r)  # (G, d_g, r) -> (d, r)
 
     @property
     def B(self) -> torch.Tensor:

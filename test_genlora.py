@@ -40,7 +40,7 @@ def fit_random_targets(m, steps, opt, seed=0):
 def reference_factors(z, theta, groups, num_centers, eps):
     """Eqs. 5-9 in float64 numpy, one generator and one group at a time: the (d, r) matrix [f_1(z) .. f_r(z)]."""
     z, theta = z.detach().double().numpy(), theta.detach().double().numpy()
-    r, d = theta.shape[0], z.shape[0]
+    r, d = theta.shape[2], z.shape[0]
     d_g = d // groups
     mu = np.array([-3.0 + 6.0 * k / (num_centers - 1) for k in range(num_centers)])  # uniform centers on [-3, 3]
     h = mu[1] - mu[0]  # the grid spacing
@@ -49,7 +49,7 @@ def reference_factors(z, theta, groups, num_centers, eps):
         for g in range(groups):
             x = z[g * d_g:(g + 1) * d_g]  # Eq. 5
             x_hat = (x - x.mean()) / (x.std() + eps)  # Eq. 6 as printed
-            w_b, w = theta[i, g, 0], theta[i, g, 1:]
+            w_b, w = theta[g, 0, i], theta[g, 1:, i]  # θ[g, :, i] = (w_b, w_1..w_K)
             phi = w_b * x_hat / (1.0 + np.exp(-x_hat))  # w_b * SiLU(x_hat), Eq. 7
             for k in range(num_centers):
                 phi = phi + w[k] * np.exp(-(((x_hat - mu[k]) / h) ** 2))  # Eqs. 8-9
@@ -89,10 +89,10 @@ def test_gradients_at_init_finite_and_reach_theta_B():
     m(torch.randn(8, 32)).pow(2).sum().backward()
     for name in ("z_A", "z_B", "theta_A", "theta_B"):
         assert torch.isfinite(getattr(m, name).grad).all(), name
-    rbf_grad = m.theta_B.grad[..., 1:]
+    rbf_grad = m.theta_B.grad[:, 1:]
     assert (rbf_grad != 0).any()  # B-side RBF weights learn first, as B-side weights in LoRA
     # x_hat_B = 0 at init and SiLU(0) = 0, so w_b of the B side has no gradient yet; A gets none while B = 0
-    assert torch.equal(m.theta_B.grad[..., 0], torch.zeros(4, 4))
+    assert torch.equal(m.theta_B.grad[:, 0], torch.zeros(4, 4))
     assert torch.equal(m.theta_A.grad, torch.zeros_like(m.theta_A))
 
 
@@ -131,7 +131,7 @@ def test_every_parameter_group_trains_after_one_step(make_opt):
     for name, g in grads.items():
         assert torch.isfinite(g).all() and (g != 0).any(), name
     grads = step()  # and once z_B has moved, w_b of the B side (SiLU(x_hat_B) != 0) too
-    assert (grads["theta_B"][..., 0] != 0).any()
+    assert (grads["theta_B"][:, 0] != 0).any()
     for name in ("z_A", "z_B", "theta_A", "theta_B"):
         assert torch.isfinite(getattr(m, name)).all()
 
