@@ -201,3 +201,61 @@ def test_train_bad_input_is_one_clear_line(tmp_path, tiny_text, case):
     expected = {"missing": "nope.txt", "empty": "no text", "short": "too short", "adapter": "unknown adapter", "target": "zz",
                 "nomatch": "no module", "rank": "r=100000", "flag": "--groups", "corrupt": "ckpt.pt"}[case]
     assert expected in lines[-1]
+
+
+def test_torchrun_two_processes_match_one_process(tmp_path, tiny_text):
+    """DDP over gloo on the CPU: 2 processes x half the batch == 1 process x the whole batch."""
+    common = ["--adapter", "lora", "--data", tiny_text, *FAST]
+    one = run_train(*common, "--out-dir", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(HERE, "train.py"),
+                          *common, "--out-dir", str(tmp_path / "two")], capture_output=True, text=True, cwd=HERE, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = torch.load(tmp_path / "one" / "lora" / "adapter.pt")["state"]
+    b = torch.load(tmp_path / "two" / "lora" / "adapter.pt")["state"]
+    assert a.keys() == b.keys()
+    assert max(a[k].abs().max() for k in a if k.endswith(".B")) > 1e-4  # B moved: the comparison means something
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# rank diagnostics and the comparison of all methods
+
+
+def test_rank_stats_against_numpy_on_known_matrices():
+    np = pytest.importorskip("numpy")
+    rng = np.random.default_rng(0)
+    cases = {"rank3": rng.standard_normal((40, 3)) @ rng.standard_normal((3, 30)), "ones": np.ones((20, 30)), "eye": np.eye(25),
+             "tiny": 1e-4 * rng.standard_normal((10, 10))}
+    for name, M in cases.items():
+        s = np.linalg.svd(M, compute_uv=False)
+        st = train.rank_stats(torch.tensor(M))
+        assert st["numerical_rank"] == int((s > 0.005).sum()), name
+        assert st["stable_rank"] == pytest.approx((s**2).sum() / s[0] ** 2, rel=1e-9), name
+        assert st["energy"] == pytest.approx((M**2).sum(), rel=1e-9), name
+    assert train.rank_stats(torch.ones(20, 30))["stable_rank"] == pytest.approx(1.0)  # all-ones: rank one
+    assert train.rank_stats(torch.eye(25))["stable_rank"] == pytest.approx(25.0)
+    assert train.rank_stats(torch.tensor(cases["rank3"]))["numerical_rank"] == 3
+    assert train.rank_stats(torch.tensor(cases["tiny"]))["numerical_rank"] == 0  # all below the 0.005 threshold
+
+
+def test_adapter_all_compares_every_method(tmp_path, tiny_text):
+    r = run_train("--adapter", "all", "--data", tiny_text, "--out-dir", str(tmp_path), *FAST)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cmp = json.load(open(tmp_path / "compare.json"))
+    assert list(cmp["methods"]) == list(train.ADAPTERS)
+    rows = [line.split()[0] for line in cmp["table"][2:]]
+    assert rows == list(train.ADAPTERS) and all(row in r.stdout + r.stderr for row in cmp["table"])
+    for name, m in cmp["methods"].items():
+        if m["merge"]["max_abs_logit_diff"] is None:  # RanLoRA with GELU: no weight-space dW
+            assert m["rank"]["mean"] is None and m["rank"]["reason"]
+        else:
+            assert 0 < m["rank"]["mean"]["stable_rank"] and len(m["rank"]["per_module"]) == len(m["targets"]) * 2 - ("gate" in m["targets"]) * 2
+    assert (tmp_path / "compare.png").exists() or "pip install matplotlib" in r.stdout + r.stderr
+
+    rep = run_train("--rank-report", str(tmp_path / "genlora" / "adapter.pt"), "--data", tiny_text, "--out-dir", str(tmp_path), *FAST)
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    mean_line = [ln for ln in (rep.stdout + rep.stderr).splitlines() if ln.strip().startswith("mean")][0]
+    assert float(mean_line.split()[2]) == pytest.approx(cmp["methods"]["genlora"]["rank"]["mean"]["stable_rank"], rel=1e-2)

@@ -239,8 +239,9 @@ def adapter_class(name):
     return getattr(importlib.import_module(file), cls)
 
 
-def adapter_kwargs(name, args):
-    """Constructor keywords from the flags the user gave; a flag the adapter does not take is an error."""
+def adapter_kwargs(name, args, strict=True):
+    """Constructor keywords from the flags the user gave; a flag the adapter does not take is an error
+    (when comparing several adapters, strict=False: a method flag applies to its own method only)."""
     params = inspect.signature(adapter_class(name).__init__).parameters
     kwargs = {}
     for k in ADAPTER_KWARGS:
@@ -248,6 +249,8 @@ def adapter_kwargs(name, args):
         if v is None:
             continue
         if k not in params:
+            if not strict:
+                continue
             raise UserError(f"--{k.replace('_', '-')} does not apply to --adapter {name}")
         kwargs[k] = v
     return kwargs
@@ -370,6 +373,32 @@ def report_merge(m):
 
 
 # ----------------------------------------------------------------------------------------------
+# rank diagnostics: what the papers' rank claims are about
+
+
+def rank_stats(dw, threshold=0.005):
+    """Numerical rank (singular values above 0.005, GenLoRA's Fig. 4), stable rank ||dW||_F^2 / ||dW||_2^2
+    (LR-LoRA's Eq. 5) and energy sum(sigma^2) (GenLoRA's Table 9) of one update, from a float64 SVD."""
+    s = torch.linalg.svdvals(dw.detach().double().cpu())
+    energy = (s**2).sum().item()
+    return {"numerical_rank": int((s > threshold).sum()), "stable_rank": energy / s[0].item() ** 2 if s[0] > 0 else 0.0,
+            "energy": energy, "spectrum": s[:64].tolist()}
+
+
+def rank_report(adapters):
+    """Per-module diagnostics and their means; a method with no weight-space dW says why instead."""
+    per_module = {}
+    for n, a in adapters.items():
+        try:
+            with torch.no_grad():
+                per_module[n] = rank_stats(a.delta_weight())
+        except NotImplementedError as e:
+            return {"per_module": None, "mean": None, "reason": str(e)}
+    mean = {k: sum(m[k] for m in per_module.values()) / len(per_module) for k in ("numerical_rank", "stable_rank", "energy")}
+    return {"per_module": per_module, "mean": mean, "reason": None}
+
+
+# ----------------------------------------------------------------------------------------------
 # one fine-tuning run
 
 
@@ -377,7 +406,7 @@ def run(args, name):
     """Fine-tune one adapter on args.data and return its metrics (also written to <out-dir>/<name>/)."""
     out = os.path.join(args.out_dir, name)
     ckpt_path, t_start = os.path.join(out, "ckpt.pt"), time.time()
-    targets, kwargs = parse_targets(args.targets or ADAPTERS[name][2]), adapter_kwargs(name, args)
+    targets, kwargs = parse_targets(args.targets or ADAPTERS[name][2]), adapter_kwargs(name, args, strict=not args.comparing)
     lr = args.lr or ADAPTERS[name][3]
     model, tok, base_desc = load_base(args)
     model.requires_grad_(False)
@@ -474,10 +503,11 @@ def run(args, name):
     torch.manual_seed(args.seed)
     with autocast(args):
         sample = tok.decode(generate(model, prompt, args.sample_tokens, stop_id=tok.eos_id)[0].tolist())
+    rank = rank_report(adapters)
     merge = merge_check(model, adapters, val_batches, args)
     metrics = {"adapter": name, "targets": targets, "kwargs": kwargs, "base": base_desc, "trainable_params": n_train, "total_params": n_total,
                "init_gap_max_abs_logit_diff": init_gap, "val_loss_before": val_before, "val_loss_after": val_after, "steps": args.steps, "lr": lr,
-               "tokens_per_s": tokens / max(train_time, 1e-9), "wall_s": time.time() - t_start, "merge": merge, "curve": curve, "sample": sample}
+               "tokens_per_s": tokens / max(train_time, 1e-9), "wall_s": time.time() - t_start, "merge": merge, "rank": rank, "curve": curve, "sample": sample}
     with open(os.path.join(out, "sample.txt"), "w") as f:
         f.write(sample)
     atomic_json(metrics, os.path.join(out, "metrics.json"))
@@ -498,12 +528,83 @@ def atomic_json(obj, path):
 
 
 # ----------------------------------------------------------------------------------------------
+# comparing methods: one table, compare.json, compare.png
+
+
+def merge_summary(m):
+    if m["max_abs_logit_diff"] is None:
+        return "none (stays at inference)"
+    return "exact" if m["exact"] else f"gap {m['max_abs_logit_diff']:.2g}"
+
+
+def compare(results, args):
+    """One row per method: parameters, loss, speed, merge and the rank diagnostics of its dW."""
+    head = f"{'method':<9} {'trainable':>10} {'val before':>10} {'val after':>9} {'tok/s':>8}  {'merge':<26} {'num.rank':>8} {'stable rk':>9} {'energy':>9}"
+    lines = [head, "-" * len(head)]
+    for name, m in results.items():
+        mean = m["rank"]["mean"]
+        ranks = f"{mean['numerical_rank']:>8.1f} {mean['stable_rank']:>9.2f} {mean['energy']:>9.3g}" if mean else f"{'no weight-space dW':>28}"
+        lines.append(f"{name:<9} {m['trainable_params']:>10,} {m['val_loss_before']:>10.4f} {m['val_loss_after']:>9.4f} {m['tokens_per_s']:>8,.0f}  {merge_summary(m['merge']):<26} {ranks}")
+    log("\n" + "\n".join(lines))
+    log("rank columns: mean over adapted modules of dW's singular values > 0.005, ||dW||_F^2/||dW||_2^2, sum of sigma^2")
+    path = os.path.join(args.out_dir, "compare.json")
+    atomic_json({"steps": args.steps, "seed": args.seed, "data": args.data, "table": lines, "methods": results}, path)
+    log(f"saved {path}")
+    plot_compare(results, os.path.join(args.out_dir, "compare.png"))
+
+
+def plot_compare(results, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("no plot: pip install matplotlib to get compare.png (val-loss curves and dW spectra)")
+        return
+    kinds = sorted({n.rpartition(".")[2] for m in results.values() if m["rank"]["per_module"] for n in m["rank"]["per_module"]})
+    fig, axes = plt.subplots(1, 1 + len(kinds), figsize=(4 * (1 + len(kinds)), 3.4), squeeze=False)
+    for name, m in results.items():
+        axes[0, 0].plot([c["step"] for c in m["curve"]], [c["val_loss"] for c in m["curve"]], marker=".", label=name)
+        for ax, kind in zip(axes[0, 1:], kinds):
+            spectra = [torch.tensor(s["spectrum"]) for n, s in (m["rank"]["per_module"] or {}).items() if n.endswith(kind)]
+            if spectra:
+                k = min(len(s) for s in spectra)
+                ax.semilogy(torch.stack([s[:k] / s[0].clamp_min(1e-30) for s in spectra]).mean(0), label=name)
+    axes[0, 0].set(title="val loss", xlabel="step")
+    axes[0, 0].legend()
+    for ax, kind in zip(axes[0, 1:], kinds):
+        ax.set(title=f"{kind}: sigma_i / sigma_1 of dW", xlabel="i", ylim=(1e-4, 1.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    log(f"saved {path}")
+
+
+def report_saved_adapter(args):
+    """--rank-report: the rank diagnostics of a saved adapter.pt, on the base it was trained on."""
+    if not os.path.isfile(args.rank_report):
+        raise UserError(f"--rank-report {args.rank_report}: no such file")
+    model, _, _ = load_base(args)
+    model.requires_grad_(False)
+    adapters, ckpt = load_adapter(model, args.rank_report)
+    rep = rank_report(adapters)
+    if rep["reason"]:
+        log(f"{ckpt['adapter']}: no weight-space dW. {rep['reason']}")
+        return
+    log(f"{ckpt['adapter']} ({args.rank_report}): {'module':<28} {'num.rank':>8} {'stable rk':>9} {'energy':>9}")
+    for n, st in rep["per_module"].items():
+        log(f"  {n:<28} {st['numerical_rank']:>8} {st['stable_rank']:>9.2f} {st['energy']:>9.3g}")
+    mean = rep["mean"]
+    log(f"  {'mean':<28} {mean['numerical_rank']:>8.1f} {mean['stable_rank']:>9.2f} {mean['energy']:>9.3g}")
+
+
+# ----------------------------------------------------------------------------------------------
 # command line
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--adapter", default="genlora", help=f"one of {', '.join(ADAPTERS)}")
+    p.add_argument("--adapter", default="genlora", help=f"one of {', '.join(ADAPTERS)}; a comma list or 'all' trains each and compares them")
     p.add_argument("--data", nargs="+", help="text files, folders or globs to fine-tune on (default: Python's pydoc topics)")
     p.add_argument("--init-from", help="a LLaMA checkpoint directory (HF or Meta layout); default: the built-in GPT")
     p.add_argument("--targets", help=f"comma-separated subset of {','.join(TARGETS)} (default: the adapter's paper)")
@@ -534,6 +635,7 @@ def parse_args(argv=None):
     p.add_argument("--no-resume", action="store_true", help="start over even if an interrupted run's checkpoint exists")
     p.add_argument("--prompt", default="The ", help="start of the generated sample")
     p.add_argument("--sample-tokens", type=int, default=200)
+    p.add_argument("--rank-report", metavar="ADAPTER_PT", help="print the rank diagnostics of a saved adapter.pt and exit")
     args = p.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -562,14 +664,24 @@ def setup_distributed(args):
 def main(argv=None):
     try:
         args = parse_args(argv)
-        adapter_class(args.adapter)  # an unknown adapter fails before any work
+        names = list(ADAPTERS) if args.adapter == "all" else [n.strip() for n in args.adapter.split(",") if n.strip()]
+        for n in names:
+            adapter_class(n)  # an unknown adapter fails before any work
+        args.comparing = len(names) > 1
         setup_distributed(args)
-        torch.manual_seed(args.seed)
-        metrics = run(args, args.adapter)
-        if metrics and metrics["merge"].get("passed") is False:
-            print(f"error: merge check failed: merged and unmerged logits differ by {metrics['merge']['relative_diff']:.2g} relative (> 1e-4)", file=sys.stderr)
-            return 1
-        return 0
+        if args.rank_report:
+            report_saved_adapter(args)
+            return 0
+        results = {}
+        for n in names:
+            torch.manual_seed(args.seed)
+            results[n] = run(args, n)
+        if args.comparing and RANK == 0:
+            compare(results, args)
+        failed = [n for n, m in results.items() if m and m["merge"].get("passed") is False]
+        for n in failed:
+            print(f"error: {n}: merge check failed: merged and unmerged logits differ by {results[n]['merge']['relative_diff']:.2g} relative (> 1e-4)", file=sys.stderr)
+        return 1 if failed else 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
