@@ -29,7 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "identity": nn.Identity}  # Eq. 8, Tables 6-7
+# Eq. 8, Tables 6-7; not specified by the paper: which GELU; the exact (erf) one, torch's and HF's default
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "identity": nn.Identity}
 
 
 class RanLoRALinear(nn.Module):
@@ -51,7 +52,7 @@ class RanLoRALinear(nn.Module):
         t0 = time.perf_counter()
         W0 = base.weight.detach().float()
         # thin SVD: torch has no routine for only the smallest triplets, but full_matrices=False at least
-        # skips the (in x in) factor Eq. 3 writes (822 MB in float32 for LLaMA-3-8B's down_proj)
+        # skips the larger square factor Eq. 3 writes (14336^2 floats, 822 MB, for LLaMA-3-8B's down_proj)
         U, S, Vh = torch.linalg.svd(W0, full_matrices=False)  # Eq. 3, S descending
         U_r, S_r, Vh_r = U[:, -r:], S[-r:], Vh[-r:]  # the r smallest singular triplets (Eq. 5)
         # not specified by the paper: the sign of each pair (u_i, v_i). GELU is not odd, so the sign changes
