@@ -97,7 +97,8 @@ class AuroRALinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         # dW = scale * B sigma(A), Eq. 3: exact for mode="static"; for "dynamic" it is the paper's
-        # static inference form (App. B.1), an approximation of B sigma(A x): see exact_merge
+        # static inference form (App. B.1), an approximation of B sigma(A x): see exact_merge.
+        # Note sigma(0) = W_s s(0) != 0, so this dW carries the rank-one term B sigma(0) 1^T
         return self.scale * (self.B @ self.sigma(self.A.T).T)
 
     @torch.no_grad()
