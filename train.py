@@ -37,8 +37,8 @@ ADAPTERS = {
     "lora": ("lora", "LoRALinear", "q,k,v,o,gate,up,down", 1e-3),
     "genlora": ("genlora", "GenLoRALinear", "q,k,v", 1e-3),
     "lrlora": ("lrlora", "LRLoRALinear", "q,k,v,o,gate,up,down", 1e-3),
-    "aurora": ("aurora", "AuroRALinear", "q,k,v,up,down", 1e-3),
-    "ranlora": ("ranlora", "RanLoRALinear", "q,k,v,up,down", 1e-3),
+    "aurora": ("aurora", "AuroRALinear", "q,k,v,up,down", 1e-2),  # the paper: 5e-3 to 1.5e-2 for small models
+    "ranlora": ("ranlora", "RanLoRALinear", "q,k,v,up,down", 3e-3),
 }
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # --targets names; module names are <t>_proj
 # CLI flag -> adapter constructor keyword, used when the adapter's __init__ takes that keyword
@@ -430,6 +430,9 @@ def run(args, name):
     log(f"trainable params {n_train:,} of {n_total:,} ({100 * n_train / n_total:.3f}%); "
         f"train {len(train_data):,} / val {len(val_data):,} tokens; val loss before {val_before:.4f}" if RANK == 0 else "")
     log(f"init gap: max |dlogits| wrapped vs base = {init_gap:.3g}" + (" (the adapter starts exactly at the base model)" if init_gap == 0 else ""))
+    init_seconds = sum(getattr(a, "init_seconds", 0.0) for a in adapters.values())  # e.g. RanLoRA's SVDs
+    if init_seconds:
+        log(f"adapter init: {init_seconds:.2f} s for {len(adapters)} modules")
 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
@@ -506,7 +509,7 @@ def run(args, name):
     rank = rank_report(adapters)
     merge = merge_check(model, adapters, val_batches, args)
     metrics = {"adapter": name, "targets": targets, "kwargs": kwargs, "base": base_desc, "trainable_params": n_train, "total_params": n_total,
-               "init_gap_max_abs_logit_diff": init_gap, "val_loss_before": val_before, "val_loss_after": val_after, "steps": args.steps, "lr": lr,
+               "init_gap_max_abs_logit_diff": init_gap, "init_seconds": init_seconds, "val_loss_before": val_before, "val_loss_after": val_after, "steps": args.steps, "lr": lr,
                "tokens_per_s": tokens / max(train_time, 1e-9), "wall_s": time.time() - t_start, "merge": merge, "rank": rank, "curve": curve, "sample": sample}
     with open(os.path.join(out, "sample.txt"), "w") as f:
         f.write(sample)
