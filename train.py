@@ -35,7 +35,7 @@ from nanogpt_model import GPT, ByteTokenizer, GPTConfig, generate
 # Targets follow each paper where the model has those projections (the built-in GPT has no gate_proj).
 ADAPTERS = {
     "lora": ("lora", "LoRALinear", "q,k,v,o,gate,up,down", 1e-3),
-    "genlora": ("genlora", "GenLoRALinear", "q,k,v", 1e-3),
+    "genlora": ("genlora", "GenLoRALinear", "q,k,v", 5e-3),  # the paper's commonsense lr
     "lrlora": ("lrlora", "LRLoRALinear", "q,k,v,o,gate,up,down", 1e-3),
     "aurora": ("aurora", "AuroRALinear", "q,k,v,up,down", 1e-2),  # the paper: 5e-3 to 1.5e-2 for small models
     "ranlora": ("ranlora", "RanLoRALinear", "q,k,v,up,down", 3e-3),
