@@ -37,9 +37,11 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x):
-        # x -> A -> B: two thin matmuls, the (out x in) update is never built
-        z = F.linear(F.linear(self.dropout(x).to(self.A.dtype), self.A), self.B)
-        return self.base(x) + (self.scale * z).to(x.dtype)
+        # x -> A -> B: two thin matmuls, the (out x in) update is never built. They run in the activations'
+        # dtype, the float32 factors cast down as autocast would (and scale folded into the small B):
+        # a float32 copy of x per adapter cost more than LoRA itself (bench.py, bf16 LLaMA-1B: 448 -> 316 ms/step)
+        dt = x.dtype
+        return self.base(x) + F.linear(F.linear(self.dropout(x), self.A.to(dt)), (self.scale * self.B).to(dt))
 
     def delta_weight(self) -> torch.Tensor:
         return self.scale * (self.B @ self.A)  # dW = (alpha / r) B A, float32
