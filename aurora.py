@@ -88,12 +88,14 @@ class AuroRALinear(nn.Module):
         return F_z + L_z  # sigma(z) = F(z) + L(z), Eqs. 5 and 8
 
     def forward(self, x):
-        x_ = self.dropout(x).to(self.A.dtype)
+        # the x-sized matmuls run in the activations' dtype (float32 factors cast down, as autocast would);
+        # sigma acts on the small (..., r) tensor in float32
+        x_, dt = self.dropout(x), x.dtype
         if self.mode == "dynamic":
-            u = self.sigma(F.linear(x_, self.A))  # sigma(A x): input-dependent, Eq. 4
+            u = self.sigma(F.linear(x_, self.A.to(dt)).float())  # sigma(A x): input-dependent, Eq. 4
         else:
-            u = F.linear(x_, self.sigma(self.A.T).T)  # sigma(A) x: sigma on each column of A, Eq. 9
-        return self.base(x) + (self.scale * F.linear(u, self.B)).to(x.dtype)
+            u = F.linear(x_, self.sigma(self.A.T).T.to(dt))  # sigma(A) x: sigma on each column of A, Eq. 9
+        return self.base(x) + F.linear(u.to(dt), (self.scale * self.B).to(dt))
 
     def delta_weight(self) -> torch.Tensor:
         # dW = scale * B sigma(A), Eq. 3: exact for mode="static"; for "dynamic" it is the paper's
