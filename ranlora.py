@@ -86,9 +86,12 @@ class RanLoRALinear(nn.Module):
             warnings.warn(f"RanLoRA: the {r} smallest singular values of this {m}x{n} weight are zero (rank-deficient); A = B = 0 and the adapter cannot train")
 
     def forward(self, x):
-        z = F.linear(self.dropout(x).to(self.A.dtype), self.A)  # A x
-        h = F.linear(self.v * self.act(z), self.B)  # B (v ⊙ GELU(A x))            (Eq. 8)
-        return self.base(x) + (self.scale * h).to(x.dtype)  # W_P x + s B (...)    (Eq. 8)
+        # the x-sized matmuls run in the activations' dtype (float32 factors cast down, as autocast would),
+        # GELU and v on the small (..., r) tensor in float32; s folded into the small B
+        dt = x.dtype
+        z = F.linear(self.dropout(x), self.A.to(dt)).float()  # A x
+        h = F.linear((self.v * self.act(z)).to(dt), (self.scale * self.B).to(dt))  # s B (v ⊙ GELU(A x))   (Eq. 8)
+        return self.base(x) + h  # W_P x + s B (...)    (Eq. 8)
 
     @torch.no_grad()
     def init_gap(self, x) -> torch.Tensor:
