@@ -505,7 +505,8 @@ def run(args, name):
     prompt = torch.tensor([tok.encode(args.prompt, bos=True)], device=args.device)
     torch.manual_seed(args.seed)
     with autocast(args):
-        sample = tok.decode(generate(model, prompt, args.sample_tokens, stop_id=tok.eos_id)[0].tolist())
+        out_ids = generate(model, prompt, args.sample_tokens, stop_id=tok.eos_id)[0].tolist()
+    sample = tok.decode(out_ids[1:] if tok.bos_id is not None and out_ids[0] == tok.bos_id else out_ids)  # without the BOS marker
     rank = rank_report(adapters)
     merge = merge_check(model, adapters, val_batches, args)
     metrics = {"adapter": name, "targets": targets, "kwargs": kwargs, "base": base_desc, "trainable_params": n_train, "total_params": n_total,
@@ -624,7 +625,7 @@ def parse_args(argv=None):
     m.add_argument("--no-learnable", dest="learnable", action="store_const", const=False, help="AuroRA ablation: drop the learnable spline")
     m.add_argument("--activation", choices=["gelu", "relu", "tanh", "identity"], help="RanLoRA: nonlinearity on A x")
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=32, help="global batch (split across torchrun processes)")
+    p.add_argument("--batch-size", type=int, help="global batch, split across torchrun processes (default: 32 on the built-in GPT, 8 on LLaMA)")
     p.add_argument("--block-size", type=int, help="tokens per sequence (default: 128 on the built-in GPT, 256 on LLaMA)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the adapter's registry value)")
     p.add_argument("--eval-interval", type=int, default=100)
@@ -646,6 +647,8 @@ def parse_args(argv=None):
         args.dtype = "bfloat16" if args.device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
     if args.block_size is None:
         args.block_size = 256 if args.init_from else 128
+    if args.batch_size is None:
+        args.batch_size = 8 if args.init_from else 32
     for k in ("steps", "batch_size", "block_size", "eval_interval", "eval_iters", "base_steps"):
         if getattr(args, k) < 1:
             raise UserError(f"--{k.replace('_', '-')} {getattr(args, k)}: must be at least 1")
