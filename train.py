@@ -55,6 +55,7 @@ def log(*a):
 
 
 RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+DISTRIBUTED = "LOCAL_RANK" in os.environ  # started by torchrun (even with one process: DDP all the same)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,7 +174,7 @@ def pretrained_gpt(args):
     path = os.path.join(args.out_dir, "base", f"gpt-{key}.pt")
     if not os.path.exists(path) and RANK == 0:
         pretrain_gpt(cfg, path, args)
-    if WORLD > 1:
+    if DISTRIBUTED:
         torch.distributed.barrier()  # other ranks wait for rank 0's cache
     ckpt = load_checkpoint(path)
     model = GPT(GPTConfig(**ckpt["config"]))
@@ -458,7 +459,7 @@ def run(args, name):
                          "torch_rng": torch.get_rng_state(), "curve": curve, "train_time": train_time, "tokens": tokens}, ckpt_path)
 
     fwd = model
-    if WORLD > 1:  # gradients of the adapter parameters only: frozen weights are not registered for sync
+    if DISTRIBUTED:  # gradients of the adapter parameters only: frozen weights are not registered for sync
         fwd = nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if "cuda" in args.device else None)
     if args.compile:
         fwd = torch.compile(fwd)
@@ -659,7 +660,7 @@ def parse_args(argv=None):
 
 def setup_distributed(args):
     """Under torchrun: one process per device, NCCL on CUDA, gloo on the CPU."""
-    if WORLD == 1:
+    if not DISTRIBUTED:
         return
     if args.device.startswith("cuda"):
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -692,7 +693,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        if WORLD > 1 and torch.distributed.is_initialized():
+        if DISTRIBUTED and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
