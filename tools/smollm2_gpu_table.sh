@@ -1,0 +1,13 @@
+#!/bin/bash
+# The README's "fine-tune a real model" table, as run on one H100: every adapter at its paper
+# defaults on SmolLM2-135M, the same data (pydoc topics), steps, seed and lr.
+#   SMOLLM2_DIR=<converted HF dir> bash tools/smollm2_gpu_table.sh [extra train.py flags]
+# (tools/smollm2_to_hf.py makes the directory.) Writes $OUT/smollm2_compare.json and $OUT/smollm2.log.
+set -o pipefail
+OUT=${OUT:-out/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+{ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; date -u; git log -1 --format='commit %h' 2>/dev/null; } | tee "$OUT/smollm2.log"
+python3 train.py --init-from "$SMOLLM2_DIR" --adapter all --steps 300 --batch-size 16 --block-size 512 --lr 1e-3 \
+    --eval-interval 100 --eval-iters 20 --out-dir /tmp/smollm2_runs "$@" 2>&1 | tr '\r' '\n' | grep -v 'it/s\]$' | tee -a "$OUT/smollm2.log"
+cp /tmp/smollm2_runs/compare.json "$OUT/smollm2_compare.json"
