@@ -43,6 +43,8 @@ ADAPTERS = {
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # --targets names; module names are <t>_proj
 # CLI flag -> adapter constructor keyword, used when the adapter's __init__ takes that keyword
 ADAPTER_KWARGS = ("r", "alpha", "dropout", "groups", "num_centers", "grid_size", "grid_range", "mode", "fixed", "learnable", "activation")
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+DISTRIBUTED = "LOCAL_RANK" in os.environ  # started by torchrun (even with one process: DDP all the same)
 
 
 class UserError(Exception):
@@ -52,10 +54,6 @@ class UserError(Exception):
 def log(*a):
     if RANK == 0:
         tqdm.write(" ".join(str(x) for x in a))
-
-
-RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-DISTRIBUTED = "LOCAL_RANK" in os.environ  # started by torchrun (even with one process: DDP all the same)
 
 
 # ----------------------------------------------------------------------------------------------
