@@ -33,29 +33,71 @@ def transfer(M, a, b, g):
     """f(M) = sum_k a_k sinc(b_k (M - g_k)) (Eq. 4), one grid point at a time into one out x in accumulator."""
     f = torch.zeros_like(M)
     for k in range(g.shape[0]):
-        f.addcmul_(torch.sinc(b[k] * (M - g[k])), a[k])  # torch.sinc is the normalized sinc, = 1 at t = 0
+        f = f + a[k] * torch.sinc(b[k] * (M - g[k]))  # torch.sinc is the normalized sinc, = 1 at t = 0
     return f
 
 
-def _grid_point(M, G, f, fprime, a_k, b_k, g_k):
-    """One grid point of backward: adds a_k sinc(t) to f and d/dM of it to fprime, returns dL/da_k and dL/db_k.
+# The two passes below are written for torch.compile (inductor): a Python loop over k of element-wise ops on
+# one chunk of M, which inductor unrolls into ONE kernel that reads M (and G) once, keeps the K terms in
+# registers and writes W (and dL/dM) once, the 2K sums of backward being block reductions inside that kernel.
+# Run eagerly (CPU, the float64 tests) the same code is the plain reference, on chunks so temporaries stay small.
+def _merge_pass(M, W0, a, b, g, scale, dtype):
+    """Forward on a chunk: W0 + scale f(M) (Eq. 1, 4), cast once to dtype; W0 None gives scale f(M) alone."""
+    f = transfer(M, a, b, g)  # Eq. 4, the same sums as delta_weight(), so merged() matches forward() bit for bit
+    return (scale * f if W0 is None else W0.to(f.dtype) + scale * f).to(dtype)  # App. C: merge once per step
 
-    t = b_k (M - g_k), u = pi t; sinc and its slope share one sin and one cos. A function of its own, so its
-    out x in temporaries are freed on return, before the next grid point allocates its own.
+
+def _sinc_basis(M, W0, G, a, b, g, scale, dtype):
+    """Backward on a chunk, M and G = dL/dW viewed as (blocks, block): one pass over the grid.
+
+    Returns W (as _merge_pass, for dL/dx), dL/dM = scale G f'(M), and per block the K partial sums
+    scale sum G sinc(t) (= dL/da_k) and scale sum G (cos u - sinc(t)), t = b_k (M - g_k), u = pi t.
+    sin u and cos u are computed once per (element, k) and shared by f, f' and both sums.
     """
-    u = (M - g_k).mul_(math.pi * b_k)
+    f, fprime, grad_a, grad_b = torch.zeros_like(M), torch.zeros_like(M), [], []
+    G = scale * G.to(M.dtype)  # dL/df
     # not specified by the paper: below |u| = (30 eps)^(1/4) Taylor terms replace sin(u)/u (0/0 at t = 0) and
     # (cos u - sinc)/u (cancellation); their errors, u^3/30 and eps/u, balance there (fp32 ~3e-6, fp64 ~3e-13)
-    near0 = u.abs() < (30 * torch.finfo(u.dtype).eps) ** 0.25
-    sinc = torch.where(near0, 1 - u * u / 6, torch.sin(u) / u)  # sinc(t)
-    f.addcmul_(sinc, a_k)  # f(M) (Eq. 4), for W in dL/dx
-    grad_a_k = torch.vdot(G.view(-1), sinc.view(-1))  # dL/da_k = sum G sinc(t)
-    u_slope = torch.cos(u).sub_(sinc)  # u d/du (sin u / u) = cos u - sinc
-    del sinc
-    grad_b_k = a_k / b_k * torch.vdot(G.view(-1), u_slope.view(-1))  # dL/db_k = a_k sum G sinc'(t) (M - g_k)
-    slope = torch.where(near0, u * (-1 / 3), u_slope.div_(u))  # d/du (sin u / u)
-    fprime.addcmul_(slope, math.pi * a_k * b_k)  # f'(M) = sum_k a_k b_k sinc'(t) (Eq. 4)
-    return grad_a_k, grad_b_k
+    tiny = (30 * torch.finfo(M.dtype).eps) ** 0.25
+    for k in range(g.shape[0]):
+        u = (M - g[k]) * (math.pi * b[k])
+        near0, inv_u = u.abs() < tiny, 1 / u
+        sinc = torch.where(near0, 1 - u * u / 6, torch.sin(u) * inv_u)  # sinc(t)
+        u_slope = torch.cos(u) - sinc  # u d/du (sin u / u)
+        f = f + a[k] * sinc  # f(M) (Eq. 4)
+        fprime = fprime + (math.pi * a[k] * b[k]) * torch.where(near0, u * (-1 / 3), u_slope * inv_u)  # f'(M)
+        grad_a.append((G * sinc).sum(1))  # dL/da_k = sum G sinc(t)
+        grad_b.append((G * u_slope).sum(1))  # dL/db_k = a_k / b_k sum G u sinc'(u), summed by the caller
+    W = (scale * f if W0 is None else W0.to(f.dtype) + scale * f).to(dtype)
+    return W, G * fprime, torch.stack([torch.stack(grad_a, 1), torch.stack(grad_b, 1)], 1)  # sums: (blocks, 2, K)
+
+
+COMPILE = None  # None: torch.compile the two passes on CUDA only; True / False: always / never
+_compiled = {}
+
+
+def _over_rows(fn, M, mats, *args):
+    """fn on row chunks of M and the other out x in matrices; 2-D outputs come back out x in, 3-D (block sums) stacked.
+
+    Eager: chunks of 2^20 entries, so the loop temporaries stay chunk-sized. Compiled: the whole matrix in one
+    launch, viewed as (blocks, 1024) so the sums are short per-block reductions (one graph for every layer shape:
+    the number of blocks is marked dynamic).
+    """
+    compiled = COMPILE if COMPILE is not None else M.is_cuda
+    if compiled and fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, options={"max_fusion_size": 1024})  # inductor's default, 64, splits the 2K sums
+    rows, parts = M.shape[0] if compiled else max(1, 2 ** 20 // M.shape[1]), []
+    for i in range(0, M.shape[0], rows):
+        n = min(rows, M.shape[0] - i) * M.shape[1]
+        blk = 1024 if n % 1024 == 0 else M.shape[1]
+        chunk = [None if t is None else t[i:i + rows].reshape(-1, blk) for t in (M, *mats)]
+        if compiled:
+            for t in chunk:
+                if t is not None:
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+        out = (_compiled[fn] if compiled else fn)(*chunk, *args)
+        parts.append([o.view(-1, M.shape[1]) if o.ndim == 2 else o for o in (out if isinstance(out, tuple) else (out,))])
+    return [p[0] if len(p) == 1 else torch.cat(p) for p in zip(*parts)]
 
 
 class _MergedSincLinear(torch.autograd.Function):
@@ -63,35 +105,28 @@ class _MergedSincLinear(torch.autograd.Function):
 
     Plain autograd would save every per-k intermediate (K dense matrices) and the merged W of every layer
     until backward. Here forward saves only x and the small factors; backward recomputes M = B A and makes
-    one pass over the grid, where sinc and its slope share one sin and one cos. Peak: about 9 out x in
-    matrices in the adapter's dtype, whatever K (M, dL/df, f, f', ~5 loop temporaries; test_lrlora.py
-    measures it). A fused kernel (torch.compile / Triton) would loop over k per element in registers: one
-    read of M and G, one write of f and f', and 2K block reductions, instead of ~17 eager passes per k.
+    one pass over the grid (_sinc_basis). Peak, whatever K: M and dL/dM in float32, dL/dW and W in the
+    activations' dtype, plus chunk-sized temporaries when eager (test_lrlora.py measures it).
     """
 
     @staticmethod
     def forward(ctx, x, W0, bias, A, B, a, b, g, scale):
-        W = scale * transfer(B @ A, a, b, g)  # dW = scale f(BA) (Eq. 4), in the adapter's dtype
-        if W0 is not None:
-            W = W0.to(W.dtype) + W  # App. C: merge once per step; the same sum, cast once, as merged()
+        W, = _over_rows(_merge_pass, B @ A, [W0], a, b, g, scale, x.dtype)  # dW = scale f(BA) (Eq. 4), merged
         ctx.save_for_backward(x, W0, A, B, a, b, g)
         ctx.scale = scale
         # one backbone-shaped matmul in the activations' dtype; F.linear as nn.Linear, so dW = 0 gives base(x) bit for bit
-        return F.linear(x, W.to(x.dtype), bias)
+        return F.linear(x, W, bias)
 
     @staticmethod
     def backward(ctx, gy):
         x, W0, A, B, a, b, g = ctx.saved_tensors
         M = B @ A  # recomputed: an r-rank matmul is cheaper than keeping out x in per layer until backward
-        G = ctx.scale * (gy.reshape(-1, gy.shape[-1]).T @ x.reshape(-1, x.shape[-1])).to(M.dtype)  # dL/df
-        f, fprime = torch.zeros_like(M), torch.zeros_like(M)  # f(M) and f'(M), accumulated over the grid
-        grad_a, grad_b = zip(*[_grid_point(M, G, f, fprime, a[k], b[k], g[k]) for k in range(g.shape[0])])
-        grad_M = G * fprime  # dL/dM, M = B A
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            W = ctx.scale * f if W0 is None else W0.to(f.dtype) + ctx.scale * f
-            grad_x = gy @ W.to(gy.dtype)
-        return grad_x, None, None, B.T @ grad_M, grad_M @ A.T, torch.stack(grad_a), torch.stack(grad_b), None, None
+        G = gy.reshape(-1, gy.shape[-1]).T @ x.reshape(-1, x.shape[-1])  # dL/dW, the weight-gradient GEMM
+        W, grad_M, sums = _over_rows(_sinc_basis, M, [W0, G], a, b, g, ctx.scale, gy.dtype)
+        del G
+        grad_a, grad_b = sums.sum(0)
+        grad_x = gy @ W if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, B.T @ grad_M, grad_M @ A.T, grad_a, a / b * grad_b, None, None
 
 
 def stable_rank(M: torch.Tensor) -> float:
