@@ -334,6 +334,9 @@ def main(argv=None):
         variants += [v for v in hv if v.name in wanted]
         notes += n
     if args.compile:  # regional: each transformer block compiled, one compiled graph serves all (same code, same shapes)
+        import lrlora
+
+        lrlora.COMPILE = True  # and LR-LoRA's own fused sinc passes
         torch._dynamo.config.recompile_limit = 64  # each variant is another graph of the same Block.forward
         for v in variants:
             for name, mod in v.model.named_modules():

@@ -8,7 +8,7 @@ transfer function f, so the realized rank of the update is learned per layer (§
     b_k = softplus(beta_k),   beta_k = ln(e - 1) at init, so b_k = 1               (§3.3, §4.1)
     srank(M) = ||M||_F^2 / ||M||_2^2                                               (Eq. 5)
 
-K = grid_size fixed grid points g_k, uniform on [-grid_range, grid_range] (K = 50 on [-3, 3]);
+K = grid_size fixed grid points g_k, uniform on [-grid_range, grid_range) (K = 50 on [-3, 3]);
 amplitudes a_k = 0 at init, so f = 0 and dW = 0: the wrapped layer starts as the base layer.
 A is Kaiming-uniform, B zeros, as in LoRA; 2K extra scalars (a_k, beta_k) per module. At init
 only the a_k get gradient (f is linear in a); once a != 0, A and B get it too (App. E).
@@ -72,7 +72,7 @@ def _sinc_basis(M, W0, G, a, b, g, scale, dtype):
     return W, G * fprime, torch.stack([torch.stack(grad_a, 1), torch.stack(grad_b, 1)], 1)  # sums: (blocks, 2, K)
 
 
-COMPILE = None  # None: torch.compile the two passes on CUDA only; True / False: always / never
+COMPILE = False  # True: torch.compile the two passes (one fused kernel each; the first call compiles for minutes)
 _compiled = {}
 
 
@@ -83,7 +83,7 @@ def _over_rows(fn, M, mats, *args):
     launch, viewed as (blocks, 1024) so the sums are short per-block reductions (one graph for every layer shape:
     the number of blocks is marked dynamic).
     """
-    compiled = COMPILE if COMPILE is not None else M.is_cuda
+    compiled = COMPILE
     if compiled and fn not in _compiled:
         _compiled[fn] = torch.compile(fn, options={"max_fusion_size": 1024})  # inductor's default, 64, splits the 2K sums
     rows, parts = M.shape[0] if compiled else max(1, 2 ** 20 // M.shape[1]), []
@@ -155,7 +155,11 @@ class LRLoRALinear(nn.Module):
         self.A = nn.Parameter(torch.empty(r, base.in_features, **kw))
         self.B = nn.Parameter(torch.zeros(base.out_features, r, **kw))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # "chosen as in LoRA" (§3.3)
-        self.register_buffer("g", torch.linspace(-grid_range, grid_range, grid_size, **kw))  # fixed grid g_k (§3.3)
+        # fixed grid g_k (§3.3). Not specified by the paper: its right end. On a grid symmetric about 0 (linspace),
+        # f'(0) = sum_k a_k b_k sinc'(-b_k g_k) is exactly 0 while a stays mirror-symmetric, which it does under
+        # Adam from a = 0, so B = 0 (then A) would move only through rounding noise; K points spaced 2R/K from -R,
+        # R itself left out, break that symmetry by construction (App. E assumes it breaks)
+        self.register_buffer("g", -grid_range + (2 * grid_range / grid_size) * torch.arange(grid_size, **kw))
         self.a = nn.Parameter(torch.zeros(grid_size, **kw))  # amplitudes a_k = 0: f = 0 at init (§3.3)
         self.beta = nn.Parameter(torch.full((grid_size,), math.log(math.e - 1), **kw))  # softplus(beta_k) = 1 (§3.3)
         self.dropout = nn.Dropout(dropout)

@@ -50,7 +50,7 @@ def test_parameter_count_and_init_values_on_meta():
     assert count(layer) == count(lora) + 2 * 50  # a_k and beta_k (§3.3, App. G)
     small = LRLoRALinear(nn.Linear(6, 4), r=2)
     assert torch.allclose(F.softplus(small.beta), torch.ones(50)) and (small.a == 0).all()
-    assert torch.allclose(small.g, torch.tensor(np.linspace(-3, 3, 50), dtype=torch.float32))
+    assert torch.allclose(small.g, torch.tensor(np.linspace(-3, 3, 51)[:-1], dtype=torch.float32))  # [-3, 3): spacing 6/50
 
 
 def test_init_is_the_base_and_gradient_flow_follows_app_e():
@@ -72,18 +72,33 @@ def test_init_is_the_base_and_gradient_flow_follows_app_e():
     g1 = step()  # f is linear in a: only the amplitudes move first
     assert (g1["a"] != 0).all()
     assert (g1["A"] == 0).all() and (g1["B"] == 0).all() and (g1["beta"] == 0).all()
-    g2 = step()  # a != 0 now: the bandwidths get gradient too
+    g2 = step()  # a != 0 now: the bandwidths get gradient, and dL/dM = G f'(BA) reaches B (A waits for B != 0)
     assert (g2["beta"] != 0).any() and (g2["A"] == 0).all()
-    # But B A = 0 and the grid is symmetric (g_k = -g_{K-1-k}), so dL/da_k = sum(G) sinc(b_k g_k) is mirror-symmetric
-    # in k, a and b stay mirror-symmetric, and f'(0) = sum_k a_k pi b_k sinc'(-b_k g_k), odd in g_k, is exactly 0:
-    # B's gradient is rounding noise only (the earlier eager code saw ~1e-10). Any asymmetry in a lets it through.
-    assert g2["B"].abs().max() < 1e-6 * g2["a"].abs().max()
+    # B's gradient is real, not rounding noise: f'(0) = sum_k a_k b_k sinc'(-b_k g_k) would vanish exactly on a grid
+    # symmetric about 0 (a stays mirror-symmetric), so the grid leaves out +3 and the unpaired point -3 keeps
+    # f'(0) of the order of lr * |sinc'(3)| = lr / 3
+    x0 = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    a, b, g = layer.a.detach().double(), F.softplus(layer.beta.detach()).double(), layer.g.double()
+    (f_prime_0,) = torch.autograd.grad((a * torch.sinc(b * (x0 - g))).sum(), x0)
+    assert abs(f_prime_0) > 0.1 * 1e-3
+    assert g2["B"].abs().max() > 1e-6 * g2["a"].abs().max()  # rounding noise on a symmetric grid: < 1e-9 (next test)
+    g3 = step()
+    assert (g3["A"] != 0).any()
+
+
+def test_symmetric_grid_would_stall_b():
+    """Why the grid is not symmetric: on linspace(-3, 3, K), B = 0 gets only rounding-level gradient after a step."""
+    torch.manual_seed(0)
+    layer = LRLoRALinear(nn.Linear(16, 12), r=4).double()
     with torch.no_grad():
-        layer.a[0] += 1e-3
-    g3 = step()  # dL/dM = G f'(BA) != 0 reaches B (A waits for B != 0)
-    assert (g3["B"] != 0).any() and (g3["A"] == 0).all()
-    g4 = step()
-    assert (g4["A"] != 0).any()
+        layer.g.copy_(torch.linspace(-3, 3, 50, dtype=torch.float64))
+    x = torch.randn(8, 16, dtype=torch.float64)
+    opt = torch.optim.Adam([layer.a, layer.beta], lr=1e-3)
+    for _ in range(3):
+        opt.zero_grad()
+        (layer(x) - 1).square().mean().backward()
+        opt.step()
+    assert layer.B.grad.abs().max() < 1e-9 * layer.a.grad.abs().max()
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -187,7 +202,8 @@ def test_f_of_zero_is_an_all_ones_rank_one_term():
     layer = moved(LRLoRALinear(nn.Linear(32, 24), r=4))
     layer.B.data.zero_()
     a, b, g = layer.a.detach().double(), F.softplus(layer.beta.detach().double()), layer.g.double()
-    f0 = sum(a[k] * math.sin(-math.pi * b[k] * g[k]) / (-math.pi * b[k] * g[k]) for k in range(50))
+    t = -b * g  # the grid holds g = 0, where sinc = 1
+    f0 = sum(a[k] * (math.sin(math.pi * t[k]) / (math.pi * t[k]) if t[k] != 0 else 1.0) for k in range(50))
     dW = layer.delta_weight().detach()
     torch.testing.assert_close(dW.double(), torch.full((24, 32), layer.scale * float(f0), dtype=torch.float64), rtol=1e-5, atol=1e-6)
     assert abs(stable_rank(dW) - 1) < 1e-6

@@ -673,6 +673,10 @@ def main(argv=None):
         for n in names:
             adapter_class(n)  # an unknown adapter fails before any work
         args.comparing = len(names) > 1
+        for n in names if args.compile else []:  # an adapter's own compiled kernels (LR-LoRA's sinc passes)
+            module = importlib.import_module(ADAPTERS[n][0])
+            if hasattr(module, "COMPILE"):
+                module.COMPILE = True
         setup_distributed(args)
         if args.rank_report:
             report_saved_adapter(args)
