@@ -45,8 +45,9 @@ def smallest_singular_triplets(W: torch.Tensor, r: int):
         M = W.double() if tall else W.double().T  # (large x small)
         lam, V = torch.linalg.eigh(M.T @ M)  # eigenvalues ascending
         S_r, V_r, S_max = lam[:r].clamp_min(0).sqrt().flip(0), V[:, :r].flip(1), lam[-1].sqrt()
-        # u_i = M v_i / s_i, unless s_i ~ 0 (rank-deficient W): u_i is then arbitrary and the SVD picks one
-        if S_r[-1] > S_max * max(W.shape) * torch.finfo(torch.float32).eps:
+        # u_i = M v_i / s_i, unless s_i^2 sits at the float64 Gram's rounding level (W rank-deficient): then u_i
+        # is arbitrary and the SVD picks one
+        if lam[0] > lam[-1] * max(W.shape) * torch.finfo(torch.float64).eps:
             U_r = M @ V_r / S_r
             U_r, Vh_r = (U_r, V_r.T) if tall else (V_r, U_r.T)
             return U_r.float(), S_r.float(), Vh_r.float(), S_max.float()
@@ -100,9 +101,10 @@ class RanLoRALinear(nn.Module):
         if W0.device.type == "cuda":
             torch.cuda.synchronize(W0.device)  # time the decomposition, not its launch
         self.init_seconds = time.perf_counter() - t0
-        if W0.device.type != "meta" and S_r.max() <= S_max * max(m, n) * torch.finfo(torch.float32).eps:
-            # A = B = 0 is a stationary point of Eq. 8 (every gradient is zero): this adapter would never train
-            warnings.warn(f"RanLoRA: the {r} smallest singular values of this {m}x{n} weight are zero (rank-deficient); A = B = 0 and the adapter cannot train")
+        if W0.device.type != "meta" and S_r.max() <= S_max * max(m, n) ** 0.5 * torch.finfo(torch.float32).eps:
+            # float32 rounding level: the residual directions are noise, and A = B = 0 would be a stationary point
+            warnings.warn(f"RanLoRA: the {r} smallest singular values of this {m}x{n} weight are at rounding level (rank-deficient): "
+                          "the residual directions are arbitrary and A, B start at (almost) zero")
 
     def forward(self, x):
         # the x-sized matmuls run in the activations' dtype (float32 factors cast down, as autocast would),
