@@ -429,6 +429,10 @@ def run(args, name):
     log(f"trainable params {n_train:,} of {n_total:,} ({100 * n_train / n_total:.3f}%); "
         f"train {len(train_data):,} / val {len(val_data):,} tokens; val loss before {val_before:.4f}" if RANK == 0 else "")
     log(f"init gap: max |dlogits| wrapped vs base = {init_gap:.3g}" + (" (the adapter starts exactly at the base model)" if init_gap == 0 else ""))
+    val_at_init = val_before
+    if init_gap > 0 and RANK == 0:  # the method's starting point is not the base model (RanLoRA): what that costs
+        val_at_init = evaluate(model, val_batches, args)
+        log(f"val loss with the adapter at init {val_at_init:.4f} (base model {val_before:.4f})")
     init_seconds = sum(getattr(a, "init_seconds", 0.0) for a in adapters.values())  # e.g. RanLoRA's SVDs
     if init_seconds:
         log(f"adapter init: {init_seconds:.2f} s for {len(adapters)} modules")
@@ -509,7 +513,7 @@ def run(args, name):
     rank = rank_report(adapters)
     merge = merge_check(model, adapters, val_batches, args)
     metrics = {"adapter": name, "targets": targets, "kwargs": kwargs, "base": base_desc, "trainable_params": n_train, "total_params": n_total,
-               "init_gap_max_abs_logit_diff": init_gap, "init_seconds": init_seconds, "val_loss_before": val_before, "val_loss_after": val_after, "steps": args.steps, "lr": lr,
+               "init_gap_max_abs_logit_diff": init_gap, "init_seconds": init_seconds, "val_loss_before": val_before, "val_loss_at_init": val_at_init, "val_loss_after": val_after, "steps": args.steps, "lr": lr,
                "tokens_per_s": tokens / max(train_time, 1e-9), "wall_s": time.time() - t_start, "merge": merge, "rank": rank, "curve": curve, "sample": sample}
     with open(os.path.join(out, "sample.txt"), "w") as f:
         f.write(sample)
