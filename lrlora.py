@@ -106,7 +106,7 @@ class _MergedSincLinear(torch.autograd.Function):
     Plain autograd would save every per-k intermediate (K dense matrices) and the merged W of every layer
     until backward. Here forward saves only x and the small factors; backward recomputes M = B A and makes
     one pass over the grid (_sinc_basis). Peak, whatever K: M and dL/dM in float32, dL/dW and W in the
-    activations' dtype, plus chunk-sized temporaries when eager (test_lrlora.py measures it).
+    activations' dtype, plus chunk-sized temporaries when eager (test_all.py measures it).
     """
 
     @staticmethod

@@ -282,7 +282,7 @@ def test_adapter_all_compares_every_method(tmp_path, tiny_text):
 
 # ----------------------------------------------------------------------------------------------
 # GenLoRA
-# Tests for genlora.py (GenLoRA, Ouyang et al. 2025). Run: OMP_NUM_THREADS=1 python -m pytest -q test_genlora.py
+# Tests for genlora.py (GenLoRA, Ouyang et al. 2025). Run: python -m pytest -q test_all.py -k genlora
 
 
 def genlora_randomize_(m, seed=0):
@@ -858,7 +858,7 @@ def test_lrlora_self_contained_copy_trains_and_merges(tmp_path):
 # AuroRA
 # Tests for aurora.py (AuroRA). Independent references: a float64 Cox-de Boor recursion and a
 # float64 re-computation of Eq. 8 written plainly here, analytic gradient bounds (Prop. 2.2), and the
-# paper's printed parameter counts (Tables 2 and 3). Run: OMP_NUM_THREADS=1 python -m pytest test_aurora.py
+# paper's printed parameter counts (Tables 2 and 3). Run: python -m pytest -q test_all.py -k aurora
 
 
 AURORA_H_STEP = 0.4  # grid spacing: 5 intervals on [-1, 1]
@@ -1115,7 +1115,7 @@ def test_aurora_self_contained_copy(tmp_path):
 
 # ----------------------------------------------------------------------------------------------
 # RanLoRA
-# Tests for ranlora.py (RanLoRA, ranlora.md §3). Run: OMP_NUM_THREADS=1 pytest -q test_ranlora.py
+# Tests for ranlora.py (RanLoRA, ranlora.md §3). Run: python -m pytest -q test_all.py -k ranlora
 #
 # References are independent of the module: float64 SVDs and GELU written out here, the original
 # nn.Linear kept untouched, and the paper's parameter formula r(in + out) + r (§3.5).
