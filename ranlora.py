@@ -22,7 +22,6 @@ activation="identity", dW = s B diag(v) A on top of W_P merges exactly.
 
 This file imports only torch and the standard library and can be copied alone into another project.
 """
-import time
 import warnings
 
 import torch
@@ -72,7 +71,6 @@ class RanLoRALinear(nn.Module):
         self.exact_merge = activation == "identity"  # identity: h = (W_P + s B diag(v) A) x, a plain linear map
 
         # residual-aware initialization (§3.2), where the weight lives (GPU when there is one)
-        t0 = time.perf_counter()
         W0 = base.weight.detach().float()
         U_r, S_r, Vh_r, S_max = smallest_singular_triplets(W0, r)  # the r smallest singular triplets (Eq. 5)
         # not specified by the paper: the sign of each pair (u_i, v_i). GELU is not odd, so the sign changes
@@ -98,9 +96,6 @@ class RanLoRALinear(nn.Module):
         self.act = ACTIVATIONS[activation]()
         # not specified by the paper: where dropout goes; as LoRA, on the adapter path's input
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        if W0.device.type == "cuda":
-            torch.cuda.synchronize(W0.device)  # time the decomposition, not its launch
-        self.init_seconds = time.perf_counter() - t0
         if W0.device.type != "meta" and S_r.max() <= S_max * max(m, n) ** 0.5 * torch.finfo(torch.float32).eps:
             # float32 rounding level: the residual directions are noise, and A = B = 0 would be a stationary point
             warnings.warn(f"RanLoRA: the {r} smallest singular values of this {m}x{n} weight are at rounding level (rank-deficient): "
@@ -142,4 +137,4 @@ class RanLoRALinear(nn.Module):
         return out.requires_grad_(False)
 
     def extra_repr(self):
-        return f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}, activation={self.activation}, init_seconds={self.init_seconds:.3f}"
+        return f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}, activation={self.activation}"
