@@ -111,20 +111,22 @@ def split_tokens(ids, block_size, what):
     return data[:n], data[n:]
 
 
+def windows(data, ix, block_size):
+    """The block_size-token windows starting at ix, and the same shifted by one: inputs and targets."""
+    return torch.stack([data[i : i + block_size] for i in ix]), torch.stack([data[i + 1 : i + 1 + block_size] for i in ix])
+
+
 def get_batch(data, batch_size, block_size, gen):
     """batch_size random windows; every rank draws the same global batch and keeps its own slice."""
     ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=gen)
-    ix = ix.chunk(WORLD)[RANK] if WORLD > 1 else ix
-    x = torch.stack([data[i : i + block_size] for i in ix])
-    y = torch.stack([data[i + 1 : i + 1 + block_size] for i in ix])
-    return x, y
+    return windows(data, ix.chunk(WORLD)[RANK] if WORLD > 1 else ix, block_size)
 
 
 def eval_batches(data, args):
     """A fixed set of validation batches, so before, after, merged and unmerged see the same tokens."""
     gen = torch.Generator().manual_seed(1234)
     ix = torch.randint(len(data) - args.block_size - 1, (args.eval_iters, args.batch_size), generator=gen)
-    return [(torch.stack([data[i : i + args.block_size] for i in row]), torch.stack([data[i + 1 : i + 1 + args.block_size] for i in row])) for row in ix]
+    return [windows(data, row, args.block_size) for row in ix]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,10 +153,14 @@ def evaluate(model, batches, args):
 
 
 def atomic_save(obj, path):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint (.json: as JSON)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
+    if path.endswith(".json"):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    else:
+        torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
@@ -192,8 +198,7 @@ def pretrain_gpt(cfg, path, args):
         for g in opt.param_groups:
             g["lr"] = 2e-3 * lr_factor(step, args.base_steps)
         ix = torch.randint(len(train) - cfg.block_size - 1, (32,), generator=gen)
-        x = torch.stack([train[i : i + cfg.block_size] for i in ix]).to(args.device)
-        y = torch.stack([train[i + 1 : i + 1 + cfg.block_size] for i in ix]).to(args.device)
+        x, y = (t.to(args.device) for t in windows(train, ix, cfg.block_size))
         with autocast(args):
             loss = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
         loss.backward()
@@ -519,7 +524,7 @@ def run(args, name):
                "tokens_per_s": tokens / max(train_time, 1e-9), "wall_s": time.time() - t_start, "merge": merge, "rank": rank, "curve": curve, "sample": sample}
     with open(os.path.join(out, "sample.txt"), "w") as f:
         f.write(sample)
-    atomic_json(metrics, os.path.join(out, "metrics.json"))
+    atomic_save(metrics, os.path.join(out, "metrics.json"))
     if os.path.exists(ckpt_path):
         os.remove(ckpt_path)  # the run is complete: adapter.pt and metrics.json hold its result
     log(f"val loss {val_before:.4f} -> {val_after:.4f}; {metrics['tokens_per_s']:,.0f} tokens/s")
@@ -528,12 +533,6 @@ def run(args, name):
     log(f"saved {out}/adapter.pt, metrics.json, sample.txt")
     return metrics
 
-
-def atomic_json(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -557,7 +556,7 @@ def compare(results, args):
     log("\n" + "\n".join(lines))
     log("rank columns: mean over adapted modules of dW's singular values > 0.005, ||dW||_F^2/||dW||_2^2, sum of sigma^2")
     path = os.path.join(args.out_dir, "compare.json")
-    atomic_json({"steps": args.steps, "seed": args.seed, "data": args.data, "table": lines, "methods": results}, path)
+    atomic_save({"steps": args.steps, "seed": args.seed, "data": args.data, "table": lines, "methods": results}, path)
     log(f"saved {path}")
     plot_compare(results, os.path.join(args.out_dir, "compare.png"))
 
