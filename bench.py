@@ -324,18 +324,16 @@ def main(argv=None):
         sync(device)
         if name.startswith("ranlora"):  # every target weight's SVD, as the adapter runs it (on the weight's device)
             results["ranlora_init"] = {"modules": len(adapters), "wall_s": time.perf_counter() - t}
-        if name.startswith("lrlora"):  # nonzero amplitudes: the sinc path must not be a no-op for what is timed
+        if name.startswith("lrlora"):  # as after some training: f != 0, and B A spread over a dozen table slots
             for a in adapters.values():
                 nn.init.normal_(a.a, 0.0, 0.01)
+                nn.init.normal_(a.B, 0.0, 0.01)
         variants.append(Variant(name, m, adapters=adapters))
     if cfg["model"] == "llama" and {"hf_floor", "peft"} & set(wanted):
         hv, n = hf_variants(base, device, dtype, TARGETS, RANKS["lora"], 16)
         variants += [v for v in hv if v.name in wanted]
         notes += n
     if args.compile:  # regional: each transformer block compiled, one compiled graph serves all (same code, same shapes)
-        import lrlora
-
-        lrlora.COMPILE = True  # and LR-LoRA's own fused sinc passes
         torch._dynamo.config.recompile_limit = 64  # each variant is another graph of the same Block.forward
         for v in variants:
             for name, mod in v.model.named_modules():

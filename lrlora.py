@@ -8,17 +8,29 @@ transfer function f, so the realized rank of the update is learned per layer (§
     b_k = softplus(beta_k),   beta_k = ln(e - 1) at init, so b_k = 1               (§3.3, §4.1)
     srank(M) = ||M||_F^2 / ||M||_2^2                                               (Eq. 5)
 
-K = grid_size fixed grid points g_k, uniform on [-grid_range, grid_range) (K = 50 on [-3, 3]);
-amplitudes a_k = 0 at init, so f = 0 and dW = 0: the wrapped layer starts as the base layer.
-A is Kaiming-uniform, B zeros, as in LoRA; 2K extra scalars (a_k, beta_k) per module. At init
-only the a_k get gradient (f is linear in a); once a != 0, A and B get it too (App. E).
+K = grid_size fixed grid points g_k in [-grid_range, grid_range] (K = 50, range 3); amplitudes
+a_k = 0 at init, so f = 0 and dW = 0: the wrapped layer starts as the base layer. A is
+Kaiming-uniform, B zeros, as in LoRA; 2K extra scalars (a_k, beta_k) per module (K with
+learn_bandwidth=False, the paper's fixed-bandwidth ablation, Table 3). At init only the a_k get
+gradient (f is linear in a); once a != 0, A and B get it too (App. E). Once a != 0,
+f(0) = sum_k a_k sinc(-b_k g_k) != 0: f adds a constant to every entry of dW, an all-ones
+rank-one term, which is one way the stable rank moves below or above r.
 
 Training merges once per step (App. C): W0 + dW is formed and the layer does one matmul.
-dW is a dense out x in matrix, so f is evaluated one grid point at a time into out x in
-accumulators (never an (out, in, K) tensor), and nothing out x in is kept from forward to
-backward: backward recomputes B A and f, as App. C says the dense matrix is only transient.
-Once a != 0, f(0) = sum_k a_k sinc(-b_k g_k) != 0: f adds a constant to every entry of dW,
-an all-ones rank-one term, which is one way the stable rank moves below or above r.
+f is one scalar function for all out x in entries of B A, so it is tabulated once per layer and
+step on T equally spaced points over [min BA, max BA] (T x K sinc values in float64: tiny), and
+every entry takes f by linear interpolation between its two neighbouring points. Why that is
+faithful: linear interpolation errs by at most h^2/8 max|f''|, and |d^n sinc(z)/dz^n| <= pi^n/(n+1),
+so with the spacing h <= 1/(1024 b_max) used here |f_table - f| <= pi^2/(24 * 1024^2) sum|a_k|
+= 3.9e-7 sum|a_k| (the same bound holds for each sinc term, hence for dL/da and dL/db), and f',
+interpolated from an exact f' table, errs by at most 9.2e-7 b_max sum|a_k|. Measured against the
+float64 direct sum (test_all.py): dW and all gradients within 1e-6 relative, about float32 rounding.
+Backward: dL/d(BA) = scale dL/dW * f'(BA); dL/da, dL/db scatter dL/dW into the table slots with
+the interpolation weights (the adjoint of the lookup), then one T x K product. Nothing out x in
+is kept from forward to backward. B A, the table and f are float32 (or the parameters' wider
+dtype) under autocast; only W meets the activations' dtype. On CUDA each element-wise pass is one
+torch.compile'd kernel (compiled in seconds); elsewhere they run eagerly. In float64 the layer
+uses the direct sum instead, exact and differentiable by plain autograd (for gradcheck).
 
 This file imports only torch and can be copied alone into another project.
 """
@@ -28,105 +40,155 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+POINTS_PER_UNIT = 1024  # table spacing h <= 1 / (1024 b_max): the error bound in the docstring
+SCATTER_COPIES = 4096  # table copies the backward's scatter spreads over on a GPU (up to 2^20 slots in all)
+EAGER_BLOCK = 2 ** 18  # entries per block of the eager element-wise passes (their temporaries: a few blocks)
+MAX_POINTS = 2 ** 16  # reached only when b_max (max BA - min BA) > 64; beyond, h grows and the bound with it
+
 
 def transfer(M, a, b, g):
-    """f(M) = sum_k a_k sinc(b_k (M - g_k)) (Eq. 4), one grid point at a time into one out x in accumulator."""
+    """f(M) = sum_k a_k sinc(b_k (M - g_k)) (Eq. 4), summed directly: the definition the table approximates."""
     f = torch.zeros_like(M)
     for k in range(g.shape[0]):
         f = f + a[k] * torch.sinc(b[k] * (M - g[k]))  # torch.sinc is the normalized sinc, = 1 at t = 0
     return f
 
 
-# The two passes below are written for torch.compile (inductor): a Python loop over k of element-wise ops on
-# one chunk of M, which inductor unrolls into ONE kernel that reads M (and G) once, keeps the K terms in
-# registers and writes W (and dL/dM) once, the 2K sums of backward being block reductions inside that kernel.
-# Run eagerly (CPU, the float64 tests) the same code is the plain reference, on chunks so temporaries stay small.
-def _merge_pass(M, W0, a, b, g, scale, dtype):
-    """Forward on a chunk: W0 + scale f(M) (Eq. 1, 4), cast once to dtype; W0 None gives scale f(M) alone."""
-    f = transfer(M, a, b, g)  # Eq. 4, the same sums as delta_weight(), so merged() matches forward() bit for bit
-    return (scale * f if W0 is None else W0.to(f.dtype) + scale * f).to(dtype)  # App. C: merge once per step
+def _grid(M, b):
+    """The table's points t_j = lo + j h, j < T, over [min M, max M]: lo and h (0-d tensors on M's device) and T.
 
-
-def _sinc_basis(M, W0, G, a, b, g, scale, dtype):
-    """Backward on a chunk, M and G = dL/dW viewed as (blocks, block): one pass over the grid.
-
-    Returns W (as _merge_pass, for dL/dx), dL/dM = scale G f'(M), and per block the K partial sums
-    scale sum G sinc(t) (= dL/da_k) and scale sum G (cos u - sinc(t)), t = b_k (M - g_k), u = pi t.
-    sin u and cos u are computed once per (element, k) and shared by f, f' and both sums.
+    T = ceil(1024 b_max (max M - min M)) + 1, so h <= 1 / (1024 b_max): the error bound in the module docstring.
     """
-    f, fprime, grad_a, grad_b = torch.zeros_like(M), torch.zeros_like(M), [], []
-    G = scale * G.to(M.dtype)  # dL/df
-    # not specified by the paper: below |u| = (30 eps)^(1/4) Taylor terms replace sin(u)/u (0/0 at t = 0) and
-    # (cos u - sinc)/u (cancellation); their errors, u^3/30 and eps/u, balance there (fp32 ~3e-6, fp64 ~3e-13)
-    tiny = (30 * torch.finfo(M.dtype).eps) ** 0.25
-    for k in range(g.shape[0]):
-        u = (M - g[k]) * (math.pi * b[k])
-        near0, inv_u = u.abs() < tiny, 1 / u
-        sinc = torch.where(near0, 1 - u * u / 6, torch.sin(u) * inv_u)  # sinc(t)
-        u_slope = torch.cos(u) - sinc  # u d/du (sin u / u)
-        f = f + a[k] * sinc  # f(M) (Eq. 4)
-        fprime = fprime + (math.pi * a[k] * b[k]) * torch.where(near0, u * (-1 / 3), u_slope * inv_u)  # f'(M)
-        grad_a.append((G * sinc).sum(1))  # dL/da_k = sum G sinc(t)
-        grad_b.append((G * u_slope).sum(1))  # dL/db_k = a_k / b_k sum G u sinc'(u), summed by the caller
-    W = (scale * f if W0 is None else W0.to(f.dtype) + scale * f).to(dtype)
-    return W, G * fprime, torch.stack([torch.stack(grad_a, 1), torch.stack(grad_b, 1)], 1)  # sums: (blocks, 2, K)
+    lo, hi = torch.aminmax(M)
+    span, b_max = torch.stack([hi - lo, b.max().to(M.dtype)]).tolist()  # the one host sync per layer and step: T is a size
+    T = min(MAX_POINTS, max(2, math.ceil(POINTS_PER_UNIT * b_max * span) + 1))
+    return lo, (hi - lo).clamp_min(torch.finfo(M.dtype).tiny) / (T - 1), T  # B A constant (B = 0): any h > 0 will do
 
 
-COMPILE = False  # True: torch.compile the two passes (one fused kernel each; the first call compiles for minutes)
+def sinc_table(lo, h, T, a, b, g):
+    """f and f' at the table points, as each interval's two ends ((T - 1) x 2, lo's dtype), and the T x K pieces of
+    the adjoint, in float64: d f(t_j)/d a_k = sinc(z_jk) and z_jk sinc'(z_jk) = (b_k / a_k) d f(t_j)/d b_k."""
+    t = lo.double() + h.double() * torch.arange(T, dtype=torch.float64, device=lo.device)
+    a, b, g = a.double(), b.double(), g.double()
+    z = b * (t[:, None] - g)
+    s = torch.sinc(z)
+    ds = torch.where(z == 0, 0.0, (torch.cos(math.pi * z) - s) / z)  # sinc'(z); in float64 the cancellation near 0 is < 1e-8
+    ends = lambda f: torch.stack([f[:-1], f[1:]], -1).to(lo.dtype)
+    return ends(s @ a), ends(ds @ (a * b)), s, z * ds  # f = sum_k a_k sinc(z) (Eq. 4), f' = sum_k a_k b_k sinc'(z)
+
+
+def _lookup(M, lo, inv_h, T):
+    """Each entry's left table point i and its weight w in [0, 1]: M = t_i + w h."""
+    u = ((M - lo) * inv_h).clamp(0, T - 1)
+    i = u.floor().clamp(max=T - 2)  # an entry at the top end takes the last interval with w = 1
+    return i.long(), u - i
+
+
+def _interp(tab, i, w):
+    """tab at M = t_i + w h by linear interpolation; tab is (T - 1, 2): each interval's two ends, one gather."""
+    ends = tab[i]
+    return torch.lerp(ends[..., 0], ends[..., 1], w)  # exact at the table points: B = 0 gives f(0) to the last bit
+
+
+def _merge(W0, f, scale, dtype):
+    return (scale * f if W0 is None else W0.to(f.dtype) + scale * f).to(dtype)  # App. C: W0 + dW, cast once
+
+
+def _forward(M, W0, lo, inv_h, f_tab, scale, dtype):
+    """W0 + scale f(M) (Eq. 1, 4), f interpolated from its table; W0 None gives scale f(M) alone."""
+    return _merge(W0, _interp(f_tab, *_lookup(M, lo, inv_h, f_tab.shape[0] + 1)), scale, dtype)
+
+
+def _backward(M, W0, G, lo, inv_h, f_tab, p_tab, scale, dtype, copies):
+    """W (for dL/dx), dL/dM = scale G f'(M), and dL/d(f table): G's entries scattered onto the two ends of each interval."""
+    T = f_tab.shape[0] + 1
+    i, w = _lookup(M, lo, inv_h, T)
+    W = _merge(W0, _interp(f_tab, i, w), scale, dtype)
+    dF = scale * G.to(M.dtype)  # dL/df, entry-wise
+    grad_M = dF * _interp(p_tab, i, w)  # f' from the exact f' table, not the slope of the interpolant
+    # the adjoint of the lookup: each entry adds dF (1 - w) to slot i and dF w to slot i + 1. B A clusters in a few slots,
+    # so entry e adds into copy (e mod copies) of the table: far fewer atomic adds contend for one address on a GPU
+    slot = i.flatten()
+    if copies > 1:
+        slot = slot + T * (torch.arange(slot.numel(), device=M.device) % copies)
+    acc = torch.zeros(copies * T, dtype=torch.float64, device=M.device)  # float64: many terms land in one slot
+    acc = acc.index_add(0, slot, (dF * (1 - w)).flatten().double())
+    acc = acc.index_add(0, slot + 1, (dF * w).flatten().double())
+    return W, grad_M, acc.view(copies, T).sum(0)
+
+
 _compiled = {}
 
 
-def _over_rows(fn, M, mats, *args):
-    """fn on row chunks of M and the other out x in matrices; 2-D outputs come back out x in, 3-D (block sums) stacked.
+def _fused(fn, device):
+    """fn as one torch.compile'd (inductor) kernel on CUDA, where each element-wise pass over out x in is a trip
+    through memory; eagerly elsewhere (the CPU, the float64 tests)."""
+    if device.type != "cuda":
+        return fn
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=True)
+    return _compiled[fn]
 
-    Eager: chunks of 2^20 entries, so the loop temporaries stay chunk-sized. Compiled: the whole matrix in one
-    launch, viewed as (blocks, 1024) so the sums are short per-block reductions (one graph for every layer shape:
-    the number of blocks is marked dynamic).
-    """
-    compiled = COMPILE
-    if compiled and fn not in _compiled:
-        _compiled[fn] = torch.compile(fn, options={"max_fusion_size": 1024})  # inductor's default, 64, splits the 2K sums
-    rows, parts = M.shape[0] if compiled else max(1, 2 ** 20 // M.shape[1]), []
-    for i in range(0, M.shape[0], rows):
-        n = min(rows, M.shape[0] - i) * M.shape[1]
-        blk = 1024 if n % 1024 == 0 else M.shape[1]
-        chunk = [None if t is None else t[i:i + rows].reshape(-1, blk) for t in (M, *mats)]
-        if compiled:
-            for t in chunk:
-                if t is not None:
-                    torch._dynamo.maybe_mark_dynamic(t, 0)
-        out = (_compiled[fn] if compiled else fn)(*chunk, *args)
-        parts.append([o.view(-1, M.shape[1]) if o.ndim == 2 else o for o in (out if isinstance(out, tuple) else (out,))])
-    return [p[0] if len(p) == 1 else torch.cat(p) for p in zip(*parts)]
+
+def _by_rows(fn, mats, *args):
+    """fn on the out x in matrices `mats` (None allowed) and args. Eager, over blocks of EAGER_BLOCK entries, so its
+    temporaries stay block-sized: out x in results are stitched back by rows, table-sized ones added. One call on CUDA."""
+    M = mats[0]
+    step = M.shape[0] if M.is_cuda else max(1, EAGER_BLOCK // M.shape[1])
+    if step >= M.shape[0]:
+        return _fused(fn, M.device)(*mats, *args)
+    out = None
+    for r in range(0, M.shape[0], step):
+        part = fn(*[None if t is None else t[r:r + step] for t in mats], *args)
+        part = part if isinstance(part, tuple) else (part,)
+        if out is None:
+            out = [torch.empty(M.shape, dtype=p.dtype, device=p.device) if p.dim() == 2 else torch.zeros_like(p) for p in part]
+        for o, p in zip(out, part):
+            if o.dim() == 2:
+                o[r:r + step] = p
+            else:
+                o += p
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+def _scatter_copies(T, device):
+    return max(1, min(SCATTER_COPIES, 2 ** 20 // T)) if device.type == "cuda" else 1  # CPU index_add_ has no contention
 
 
 class _MergedSincLinear(torch.autograd.Function):
-    """y = x (W0 + scale f(B A))^T + bias, W0 and bias optional, with a backward that keeps a few out x in matrices alive.
-
-    Plain autograd would save every per-k intermediate (K dense matrices) and the merged W of every layer
-    until backward. Here forward saves only x and the small factors; backward recomputes M = B A and makes
-    one pass over the grid (_sinc_basis). Peak, whatever K: M and dL/dM in float32, dL/dW and W in the
-    activations' dtype, plus chunk-sized temporaries when eager (test_all.py measures it).
-    """
+    """y = x (W0 + scale f(B A))^T + bias, W0 and bias optional; forward keeps x and the small factors only."""
 
     @staticmethod
     def forward(ctx, x, W0, bias, A, B, a, b, g, scale):
-        W, = _over_rows(_merge_pass, B @ A, [W0], a, b, g, scale, x.dtype)  # dW = scale f(BA) (Eq. 4), merged
-        ctx.save_for_backward(x, W0, A, B, a, b, g)
-        ctx.scale = scale
-        # one backbone-shaped matmul in the activations' dtype; F.linear as nn.Linear, so dW = 0 gives base(x) bit for bit
-        return F.linear(x, W, bias)
+        with torch.autocast(x.device.type, enabled=False):  # B A, the table and f in float32 (or wider) under autocast
+            M = B @ A
+            lo, h, T = _grid(M, b)
+            W = _by_rows(_forward, [M, W0], lo, 1 / h, sinc_table(lo, h, T, a, b, g)[0], scale, x.dtype)
+        ctx.save_for_backward(x, W0, A, B, a, b, g, lo, h)
+        ctx.scale, ctx.T = scale, T
+        return F.linear(x, W, bias)  # one backbone-shaped matmul; as nn.Linear, so dW = 0 gives base(x) bit for bit
 
     @staticmethod
     def backward(ctx, gy):
-        x, W0, A, B, a, b, g = ctx.saved_tensors
-        M = B @ A  # recomputed: an r-rank matmul is cheaper than keeping out x in per layer until backward
-        G = gy.reshape(-1, gy.shape[-1]).T @ x.reshape(-1, x.shape[-1])  # dL/dW, the weight-gradient GEMM
-        W, grad_M, sums = _over_rows(_sinc_basis, M, [W0, G], a, b, g, ctx.scale, gy.dtype)
-        del G
-        grad_a, grad_b = sums.sum(0)
-        grad_x = gy @ W if ctx.needs_input_grad[0] else None
-        return grad_x, None, None, B.T @ grad_M, grad_M @ A.T, grad_a, a / b * grad_b, None, None
+        x, W0, A, B, a, b, g, lo, h = ctx.saved_tensors
+        with torch.autocast(gy.device.type, enabled=False):
+            M = B @ A  # recomputed: an r-rank matmul is cheaper than keeping out x in per layer until backward
+            f_ends, p_ends, s, zds = sinc_table(lo, h, ctx.T, a, b, g)  # the same table as forward
+            G = gy.reshape(-1, gy.shape[-1]).T @ x.reshape(-1, x.shape[-1]).to(gy.dtype)  # dL/dW, the weight-gradient GEMM
+            W, grad_M, grad_tab = _by_rows(_backward, [M, W0, G], lo, 1 / h, f_ends, p_ends, ctx.scale, gy.dtype,
+                                           _scatter_copies(ctx.T, M.device))
+            del G, M
+            grad_x = gy @ W if ctx.needs_input_grad[0] else None
+            grad_a = (s.T @ grad_tab).to(a.dtype)  # f(t_j) = sum_k a_k sinc(z_jk): the adjoint of the table, T x K
+            grad_b = (a.double() / b.double() * (zds.T @ grad_tab)).to(b.dtype) if ctx.needs_input_grad[6] else None
+            return grad_x, None, None, B.T @ grad_M, grad_M @ A.T, grad_a, grad_b, None, None
+
+
+def _direct(x, W0, bias, A, B, a, b, g, scale):
+    """The same layer with f by its definition (Eq. 4) and plain autograd: the path for float64, where exactness is
+    the point (gradcheck); it keeps K out x in intermediates for backward, so it is not for training."""
+    dW = scale * transfer(B @ A, a, b, g)
+    return F.linear(x, dW if W0 is None else W0 + dW, bias)
 
 
 def stable_rank(M: torch.Tensor) -> float:
@@ -139,7 +201,7 @@ class LRLoRALinear(nn.Module):
     exact_merge = True  # dW is a weight-space update: merged() reproduces forward() for every input
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-                 grid_size: int = 50, grid_range: float = 3.0):
+                 grid_size: int = 50, grid_range: float = 3.0, learn_bandwidth: bool = True):
         super().__init__()
         if not isinstance(r, int) or r < 1 or r > min(base.in_features, base.out_features):
             raise ValueError(f"r={r!r}: the rank must be an integer in [1, {min(base.in_features, base.out_features)}]")
@@ -155,26 +217,35 @@ class LRLoRALinear(nn.Module):
         self.A = nn.Parameter(torch.empty(r, base.in_features, **kw))
         self.B = nn.Parameter(torch.zeros(base.out_features, r, **kw))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # "chosen as in LoRA" (§3.3)
-        # fixed grid g_k (§3.3). Not specified by the paper: its right end. On a grid symmetric about 0 (linspace),
-        # f'(0) = sum_k a_k b_k sinc'(-b_k g_k) is exactly 0 while a stays mirror-symmetric, which it does under
-        # Adam from a = 0, so B = 0 (then A) would move only through rounding noise; K points spaced 2R/K from -R,
-        # R itself left out, break that symmetry by construction (App. E assumes it breaks)
-        self.register_buffer("g", -grid_range + (2 * grid_range / grid_size) * torch.arange(grid_size, **kw))
+        # fixed grid g_k (§3.3). Not specified by the paper: where exactly. On a grid with mirror pairs (g, -g) Adam keeps
+        # a mirror-symmetric from a = 0, f'(0) = sum_k a_k b_k sinc'(-b_k g_k) stays exactly 0 and B = 0 never moves;
+        # the points -R + (k + 1/4) 2R/K, all inside [-R, R], have no mirror pairs (App. E assumes the symmetry breaks)
+        self.register_buffer("g", -grid_range + (2 * grid_range / grid_size) * (torch.arange(grid_size, **kw) + 0.25))
         self.a = nn.Parameter(torch.zeros(grid_size, **kw))  # amplitudes a_k = 0: f = 0 at init (§3.3)
-        self.beta = nn.Parameter(torch.full((grid_size,), math.log(math.e - 1), **kw))  # softplus(beta_k) = 1 (§3.3)
+        # softplus(beta_k) = 1 (§3.3); learn_bandwidth=False keeps b_k = 1 (Table 3, "fixed bandwidth")
+        self.beta = nn.Parameter(torch.full((grid_size,), math.log(math.e - 1), **kw), requires_grad=learn_bandwidth)
         self.dropout = nn.Dropout(dropout)
 
+    @torch.compiler.disable  # a host sync sizes the table: an outer torch.compile runs this layer as it is
     def forward(self, x):
         b = F.softplus(self.beta)  # b_k > 0 (§3.3)
+        dev = x.device.type
+        x = x.to(torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else x  # W meets x in x's dtype
         args = (self.A, self.B, self.a, b, self.g, self.scale)
+        merged_linear = _direct if self.A.dtype == torch.float64 else _MergedSincLinear.apply
         if self.dropout.p == 0 or not self.training:  # App. C: one matmul with W0 + dW
-            return _MergedSincLinear.apply(x, self.base.weight, self.base.bias, *args)
+            return merged_linear(x, self.base.weight, self.base.bias, *args)
         # App. C: input-side dropout on the LR-LoRA path, so the base path and the update path stay apart
-        return self.base(x) + _MergedSincLinear.apply(self.dropout(x), None, None, *args)
+        return self.base(x) + merged_linear(self.dropout(x), None, None, *args)
 
+    @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
-        # differentiable, but through K dense intermediates: use it for merging and diagnostics, not training
-        return self.scale * transfer(self.B @ self.A, self.a, F.softplus(self.beta), self.g)  # Eq. 4, float32
+        """dW = scale f(B A) (Eq. 1, 4) through the same table as forward(), so merged() reproduces it; float32 or wider."""
+        M, b = self.B @ self.A, F.softplus(self.beta)
+        if M.dtype == torch.float64:  # as forward(): the definition itself
+            return self.scale * transfer(M, self.a, b, self.g)
+        lo, h, T = _grid(M, b)
+        return _forward(M, None, lo, 1 / h, sinc_table(lo, h, T, self.a, b, self.g)[0], self.scale, M.dtype)
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:

@@ -577,19 +577,22 @@ LRLORA_HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def lrlora_f_reference(M, a, beta, g):
-    """Eq. 4 the obvious way: an (out, in, K) tensor, sin(pi t) / (pi t) written out (no exact zeros in t here)."""
-    t = F.softplus(beta) * (M[..., None] - g)
-    return (a * torch.sin(math.pi * t) / (math.pi * t)).sum(-1)
+    """Eq. 4 the obvious way, in float64: an (out, in, K) tensor of sinc terms, summed."""
+    return (a * torch.sinc(F.softplus(beta) * (M[..., None] - g))).sum(-1)
 
 
-def lrlora_moved(layer, seed=0):
-    """Give every adapter parameter a nonzero value, as after some training."""
+def lrlora_moved(layer, seed=0, scale=0.5):
+    """Give every adapter parameter a nonzero value, as after some training (|B A| up to about 3 at scale 0.5)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in (layer.A, layer.B, layer.a, layer.beta):
-            p.copy_(0.5 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
+            p.copy_(scale * torch.randn(p.shape, generator=gen, dtype=torch.float64))
         layer.beta.add_(0.5)
     return layer
+
+
+def lrlora_rel(got, want):
+    return ((got.double() - want).norm() / want.norm()).item()
 
 
 @pytest.mark.parametrize("kwargs", [dict(r=0), dict(r=9), dict(r=2.0), dict(grid_size=1), dict(grid_size=4.0),
@@ -600,14 +603,18 @@ def test_lrlora_bad_arguments_raise(kwargs):
         LRLoRALinear(nn.Linear(8, 8), **kwargs)
 
 
-def test_lrlora_parameter_count_and_init_values_on_meta():
+def test_lrlora_parameter_count_grid_and_init_values():
     layer = LRLoRALinear(nn.Linear(2048, 8192, device="meta"))
     lora = LoRALinear(nn.Linear(2048, 8192, device="meta"))
     count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)
     assert count(layer) == count(lora) + 2 * 50  # a_k and beta_k (§3.3, App. G)
+    fixed = LRLoRALinear(nn.Linear(2048, 8192, device="meta"), learn_bandwidth=False)
+    assert count(fixed) == count(lora) + 50  # Table 3's fixed bandwidth: the amplitudes alone
     small = LRLoRALinear(nn.Linear(6, 4), r=2)
     assert torch.allclose(F.softplus(small.beta), torch.ones(50)) and (small.a == 0).all()
-    assert torch.allclose(small.g, torch.tensor(np.linspace(-3, 3, 51)[:-1], dtype=torch.float32))  # [-3, 3): spacing 6/50
+    g = small.g.double()
+    assert g.min() > -3 and g.max() < 3 and torch.allclose(g.diff(), torch.full((49,), 6 / 50, dtype=torch.float64))
+    assert (g[:, None] + g[None, :]).abs().min() > 0.01  # no mirror pairs (g, -g), 0 included
 
 
 def test_lrlora_init_is_the_base_and_gradient_flow_follows_app_e():
@@ -631,104 +638,182 @@ def test_lrlora_init_is_the_base_and_gradient_flow_follows_app_e():
     assert (g1["A"] == 0).all() and (g1["B"] == 0).all() and (g1["beta"] == 0).all()
     g2 = step()  # a != 0 now: the bandwidths get gradient, and dL/dM = G f'(BA) reaches B (A waits for B != 0)
     assert (g2["beta"] != 0).any() and (g2["A"] == 0).all()
-    # B's gradient is real, not rounding noise: f'(0) = sum_k a_k b_k sinc'(-b_k g_k) would vanish exactly on a grid
-    # symmetric about 0 (a stays mirror-symmetric), so the grid leaves out +3 and the unpaired point -3 keeps
-    # f'(0) of the order of lr * |sinc'(3)| = lr / 3
-    x0 = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    a, b, g = layer.a.detach().double(), F.softplus(layer.beta.detach()).double(), layer.g.double()
-    (f_prime_0,) = torch.autograd.grad((a * torch.sinc(b * (x0 - g))).sum(), x0)
-    assert abs(f_prime_0) > 0.1 * 1e-3
-    assert g2["B"].abs().max() > 1e-6 * g2["a"].abs().max()  # rounding noise on a symmetric grid: < 1e-9 (next test)
+    # a real gradient, of the order lr * |A| against a's (about 5e-5 here): the grid has no mirror pairs (next test)
+    assert g2["B"].abs().max() > 1e-6 * g2["a"].abs().max()
     g3 = step()
     assert (g3["A"] != 0).any()
 
 
-def test_lrlora_symmetric_grid_would_stall_b():
-    """Why the grid is not symmetric: on linspace(-3, 3, K), B = 0 gets only rounding-level gradient after a step."""
+@pytest.mark.parametrize("grid,stalls", [("symmetric", True), ("default", False)])
+def test_lrlora_b_moves_only_on_a_grid_without_mirror_pairs(grid, stalls):
+    """float64, Adam from a = 0: on linspace(-3, 3, K) a stays mirror-symmetric, f'(0) = 0 and B = 0 gets only
+    rounding-level gradient; on the default grid B's gradient is of normal size (order lr |A|) within 2 steps."""
     torch.manual_seed(0)
     layer = LRLoRALinear(nn.Linear(16, 12), r=4).double()
-    with torch.no_grad():
-        layer.g.copy_(torch.linspace(-3, 3, 50, dtype=torch.float64))
+    if grid == "symmetric":
+        with torch.no_grad():
+            layer.g.copy_(torch.linspace(-3, 3, 50, dtype=torch.float64))
     x = torch.randn(8, 16, dtype=torch.float64)
     opt = torch.optim.Adam([layer.a, layer.beta], lr=1e-3)
-    for _ in range(3):
+    for _ in range(2):
         opt.zero_grad()
         (layer(x) - 1).square().mean().backward()
         opt.step()
-    assert layer.B.grad.abs().max() < 1e-9 * layer.a.grad.abs().max()
+    ratio = (layer.B.grad.abs().max() / layer.a.grad.abs().max()).item()
+    assert (ratio < 1e-9) if stalls else (ratio > 1e-6), ratio
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_lrlora_forward_and_gradients_match_float64_reference(bias):
-    torch.manual_seed(1)
-    layer = lrlora_moved(LRLoRALinear(nn.Linear(20, 12, bias=bias), r=3, grid_size=7)).double()
-    x = torch.randn(2, 5, 20, dtype=torch.float64, requires_grad=True)
+def lrlora_check_against_float64(layer, x, tol=1e-5, **kw):
+    """The float32 table path against Eq. 4 summed directly in float64: output, dW and the gradients of x, A, B, a, beta."""
     names = ["A", "B", "a", "beta"]
-    ref_params = [getattr(layer, n).detach().clone().requires_grad_() for n in names]
-    A, B, a, beta = ref_params
-    W = layer.base.weight + layer.scale * lrlora_f_reference(B @ A, a, beta, layer.g)
-    y_ref = F.linear(x, W, layer.base.bias)
-    gy = torch.randn_like(y_ref)
-    ref_grads = torch.autograd.grad(y_ref, [x] + ref_params, gy)
+    ref = [x.detach().double().requires_grad_()] + [getattr(layer, n).detach().double().requires_grad_() for n in names]
+    xd, A, B, a, beta = ref
+    W = layer.base.weight.double() + layer.scale * lrlora_f_reference(B @ A, a, beta, layer.g.double())
+    y_ref = F.linear(xd, W, None if layer.base.bias is None else layer.base.bias.double())
+    gy = torch.randn(y_ref.shape, dtype=torch.float64)
+    want = [y_ref, W - layer.base.weight.double()] + list(torch.autograd.grad(y_ref, ref, gy))
     y = layer(x)
-    grads = torch.autograd.grad(y, [x] + [getattr(layer, n) for n in names], gy)
-    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(layer.delta_weight(), W - layer.base.weight, rtol=1e-12, atol=1e-12)
-    for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-    layer32 = layer.float()  # the default float32 adapter agrees with the float64 reference to float32 precision
-    torch.testing.assert_close(layer32(x.float()).double(), y_ref, rtol=1e-4, atol=1e-5)
+    got = [y, layer.delta_weight()] + list(torch.autograd.grad(y, [x] + [getattr(layer, n) for n in names], gy.float()))
+    for name, g_, w in zip(["y", "dW", "x", "A", "B", "a", "beta"], got, want):
+        assert g_.dtype == torch.float32 and lrlora_rel(g_, w) < tol, (name, lrlora_rel(g_, w))
 
 
-@pytest.mark.parametrize("grid_size,zero_B", [(6, False), (5, True)])
-def test_lrlora_gradcheck(grid_size, zero_B):
-    # grid_size 5 puts g_k = 0 on the grid and B = 0 makes M = 0: t = 0 exactly, where sinc is 0/0 naively
+@pytest.mark.parametrize("shape,bias,scale", [((20, 12), True, 0.5), ((64, 48), False, 0.5), ((256, 192), True, 0.05)])
+def test_lrlora_table_matches_float64_direct_sum(shape, bias, scale):
+    torch.manual_seed(1)
+    layer = lrlora_moved(LRLoRALinear(nn.Linear(*shape, bias=bias), r=3), scale=scale)
+    with torch.no_grad():  # entries of B A exactly 0 (a zero row of B), and min / max: the table's two ends
+        layer.B[0] = 0
+    x = torch.randn(2, 5, shape[0], requires_grad=True)
+    lrlora_check_against_float64(layer, x)
+
+
+def test_lrlora_table_is_exact_at_its_points_and_ends():
+    import lrlora
     torch.manual_seed(2)
-    layer = lrlora_moved(LRLoRALinear(nn.Linear(5, 4), r=2, grid_size=grid_size)).double()
-    if zero_B:
-        layer.B.data.zero_()
+    layer = lrlora_moved(LRLoRALinear(nn.Linear(32, 24), r=2))
+    M, b = (layer.B @ layer.A).detach(), F.softplus(layer.beta.detach())
+    lo, h, T = lrlora._grid(M, b)
+    t = lo.double() + h.double() * torch.arange(T, dtype=torch.float64)
+    pts = t.float()  # entries exactly at table points (as float32 rounds them), the two ends included
+    f_ends = lrlora.sinc_table(lo, h, T, layer.a, b, layer.g)[0]
+    got = lrlora._forward(pts, None, lo, 1 / h, f_ends, 1.0, torch.float64)
+    want = lrlora_f_reference(pts.double(), layer.a.detach().double(), layer.beta.detach().double(), layer.g.double())
+    ulp = torch.finfo(torch.float32).eps * want.abs().max()  # the table is float32
+    assert T > 1000 and abs(got[0] - want[0]) < 4 * ulp and abs(got[-1] - want[-1]) < 4 * ulp
+    assert (got - want).abs().max() < 1e-5 * want.abs().max()
+
+
+def test_lrlora_float64_uses_the_direct_sum_and_passes_gradcheck():
+    torch.manual_seed(2)
+    layer = lrlora_moved(LRLoRALinear(nn.Linear(5, 4), r=2, grid_size=5)).double()
+    layer.B.data[0] = 0  # M = 0 exactly in a row
     args = [torch.randn(3, 5, dtype=torch.float64, requires_grad=True)]
     args += [getattr(layer, n).detach().clone().requires_grad_() for n in ("A", "B", "a", "beta")]
     fn = lambda x, A, B, a, beta: functional_call(layer, {"A": A, "B": B, "a": a, "beta": beta}, (x,))
-    assert torch.isfinite(fn(*args)).all()
+    assert torch.autograd.gradcheck(fn, args)
+    dropped = LRLoRALinear(nn.Linear(5, 4), r=2, dropout=0.2).double().eval()
+    assert torch.autograd.gradcheck(lambda x: dropped(x), args[:1])
+
+
+def test_lrlora_table_adjoint_is_the_exact_gradient_of_the_table_path():
+    """In float64 the table path's dL/dx, dL/da and dL/db are the exact derivatives of what it computes (the scatter
+    is the adjoint of the lookup); dL/dA, dL/dB use the exact f' by design, so they are checked against Eq. 4 above."""
+    import lrlora
+    torch.manual_seed(3)
+    layer = lrlora_moved(LRLoRALinear(nn.Linear(6, 5), r=2, grid_size=6)).double()
+    A, B, g = layer.A.detach(), layer.B.detach(), layer.g
+    fn = lambda x, a, beta: lrlora._MergedSincLinear.apply(x, layer.base.weight, layer.base.bias, A, B, a,
+                                                          F.softplus(beta), g, layer.scale)
+    args = [torch.randn(3, 6, dtype=torch.float64, requires_grad=True), layer.a.detach().clone().requires_grad_(),
+            layer.beta.detach().clone().requires_grad_()]
     assert torch.autograd.gradcheck(fn, args)
 
 
-def test_lrlora_compiled_passes_match_eager(monkeypatch):
-    # the path CUDA takes (lrlora.COMPILE: torch.compile of the two passes, fused by inductor), here on its CPU backend
+def test_lrlora_compiled_passes_and_scatter_copies_match_eager(monkeypatch):
+    # the path CUDA takes (each element-wise pass one torch.compile'd kernel, the scatter spread over table copies),
+    # here on the compiler's CPU backend
     import lrlora
     torch.manual_seed(8)
-    layer = lrlora_moved(LRLoRALinear(nn.Linear(64, 48), r=3, grid_size=6))  # 48 x 64 = 3 blocks of 1024
+    layer = lrlora_moved(LRLoRALinear(nn.Linear(64, 48), r=3, grid_size=6))
     x = torch.randn(2, 7, 64, requires_grad=True)
     gy = torch.randn(2, 7, 48)
     params = [x, layer.A, layer.B, layer.a, layer.beta]
     want = [layer(x)] + list(torch.autograd.grad(layer(x), params, gy))
-    monkeypatch.setattr(lrlora, "COMPILE", True)
-    try:
-        y = layer(x)
-    except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ compiler on this machine
-        pytest.skip(f"torch.compile unavailable: {e}")
+    compiled = {}
+    monkeypatch.setattr(lrlora, "_fused", lambda fn, device: compiled.setdefault(fn, torch.compile(fn, dynamic=True)))
+    monkeypatch.setattr(lrlora, "_scatter_copies", lambda T, device: 5)
+    y = layer(x)
+    got = [y] + list(torch.autograd.grad(y, params, gy))
+    assert len(compiled) == 2
+    for g_, w in zip(got, want):
+        torch.testing.assert_close(g_, w, rtol=1e-5, atol=1e-6 * w.abs().max().item())
+
+
+def test_lrlora_eager_blocks_stitch_back_to_the_whole(monkeypatch):
+    import lrlora
+    torch.manual_seed(10)
+    layer = lrlora_moved(LRLoRALinear(nn.Linear(32, 40), r=3))
+    x = torch.randn(3, 32, requires_grad=True)
+    gy = torch.randn(3, 40)
+    params = [x, layer.A, layer.B, layer.a, layer.beta]
+    want = [layer(x)] + list(torch.autograd.grad(layer(x), params, gy))
+    monkeypatch.setattr(lrlora, "EAGER_BLOCK", 7 * 32)  # blocks of 7 rows, the last one 5
+    y = layer(x)
     got = [y] + list(torch.autograd.grad(y, params, gy))
     for g_, w in zip(got, want):
-        torch.testing.assert_close(g_, w, rtol=1e-5, atol=1e-5 * w.abs().max().item())
+        torch.testing.assert_close(g_, w, rtol=1e-6, atol=1e-7 * w.abs().max().item())
+
+
+def test_lrlora_inside_a_compiled_model_runs_and_matches_eager():
+    # train.py --compile and bench.py --compile wrap whole models: the table's host sync runs outside the graph
+    torch.manual_seed(9)
+    net = nn.Sequential(nn.Linear(16, 32), nn.GELU(), lrlora_moved(LRLoRALinear(nn.Linear(32, 8), r=2)))
+    x = torch.randn(4, 16)
+    compiled = torch.compile(net)
+    y, y_eager = compiled(x), net(x)
+    torch.testing.assert_close(y, y_eager)
+    params = [p for p in net.parameters() if p.requires_grad]
+    for g_, w in zip(torch.autograd.grad(y.square().sum(), params), torch.autograd.grad(y_eager.square().sum(), params)):
+        torch.testing.assert_close(g_, w)
+
+
+def test_lrlora_keeps_float32_under_autocast():
+    # B A, the table and f in float32 even under bf16 autocast: W is W0 + dW computed in float32, cast once to bf16
+    torch.manual_seed(4)
+    layer = lrlora_moved(LRLoRALinear(nn.Linear(64, 48), r=4), scale=0.05)
+    x = torch.randn(6, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    W = (layer.base.weight + layer.delta_weight()).to(torch.bfloat16)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, F.linear(x.to(torch.bfloat16), W, layer.base.bias.to(torch.bfloat16)))
+    with torch.no_grad():  # the same sums in bf16 (what autocast would do to B @ A) give another W
+        M16 = layer.B.bfloat16() @ layer.A.bfloat16()
+    assert not torch.equal((layer.base.weight + layer.scale * lrlora_f_reference(
+        M16.double(), layer.a.double(), layer.beta.double(), layer.g.double())).to(torch.bfloat16), W)
+    y.float().sum().backward()
+    assert layer.A.grad.dtype == torch.float32 and torch.isfinite(layer.A.grad).all()
 
 
 def test_lrlora_dropout_path_is_base_plus_dropped_input_times_delta():
     torch.manual_seed(3)
-    layer = lrlora_moved(LRLoRALinear(nn.Linear(10, 6), r=2, dropout=0.3, grid_size=9)).double()
-    x = torch.randn(7, 10, dtype=torch.float64)
+    layer = lrlora_moved(LRLoRALinear(nn.Linear(10, 6), r=2, dropout=0.3, grid_size=9))
+    x = torch.randn(7, 10)
     torch.manual_seed(4)
     y = layer(x)
     torch.manual_seed(4)
-    A, B, a, beta = (getattr(layer, n) for n in ("A", "B", "a", "beta"))
-    dW = layer.scale * lrlora_f_reference(B @ A, a, beta, layer.g)
-    y_ref = layer.base(x) + F.dropout(x, 0.3) @ dW.T
-    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    x_dropped = F.dropout(x, 0.3).double()
+    A, B, a, beta = (getattr(layer, n).detach().double().requires_grad_() for n in ("A", "B", "a", "beta"))
+    dW = layer.scale * lrlora_f_reference(B @ A, a, beta, layer.g.double())
+    y_ref = layer.base(x).double() + x_dropped @ dW.T
+    assert lrlora_rel(y, y_ref) < 1e-5
     gy = torch.randn_like(y)
-    torch.testing.assert_close(torch.autograd.grad(y, [A, B, a, beta], gy), torch.autograd.grad(y_ref, [A, B, a, beta], gy),
-                               rtol=1e-10, atol=1e-10)
+    for got, want in zip(torch.autograd.grad(y, [layer.A, layer.B, layer.a, layer.beta], gy),
+                         torch.autograd.grad(y_ref, [A, B, a, beta], gy.double())):
+        assert lrlora_rel(got, want) < 1e-5
     layer.eval()  # dropout is off in eval, so the layer merges once again
-    torch.testing.assert_close(layer(x), layer.base(x) + x @ dW.T, rtol=1e-12, atol=1e-12)
+    assert lrlora_rel(layer(x), layer.base(x).double() + x.double() @ dW.T) < 1e-5
 
 
 def test_lrlora_merged_equals_unmerged_float32():
@@ -740,8 +825,9 @@ def test_lrlora_merged_equals_unmerged_float32():
     merged = layer.merged()
     assert torch.equal(base.weight, w0)  # the original is untouched
     assert layer.delta_weight().abs().max() > 0.1
-    torch.testing.assert_close(merged(x), layer(x), rtol=1e-5, atol=1e-6)
+    assert torch.equal(merged(x), layer(x))  # the same table, the same sums: bit for bit
     assert torch.equal(merged.weight, w0 + layer.delta_weight())  # W0 + dW, cast once
+    assert torch.equal(layer.merged().weight, merged.weight)  # merging twice gives the same layer
 
 
 def test_lrlora_rank_of_delta_exceeds_r_while_lora_stays_at_r():
@@ -759,10 +845,10 @@ def test_lrlora_f_of_zero_is_an_all_ones_rank_one_term():
     layer = lrlora_moved(LRLoRALinear(nn.Linear(32, 24), r=4))
     layer.B.data.zero_()
     a, b, g = layer.a.detach().double(), F.softplus(layer.beta.detach().double()), layer.g.double()
-    t = -b * g  # the grid holds g = 0, where sinc = 1
-    f0 = sum(a[k] * (math.sin(math.pi * t[k]) / (math.pi * t[k]) if t[k] != 0 else 1.0) for k in range(50))
+    t = -b * g  # no grid point is 0, so sin(pi t) / (pi t) is defined
+    f0 = sum(a[k] * math.sin(math.pi * t[k]) / (math.pi * t[k]) for k in range(50))
     dW = layer.delta_weight().detach()
-    torch.testing.assert_close(dW.double(), torch.full((24, 32), layer.scale * float(f0), dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dW.double(), torch.full((24, 32), layer.scale * float(f0), dtype=torch.float64), rtol=1e-6, atol=1e-7)
     assert abs(stable_rank(dW) - 1) < 1e-6
 
 
@@ -798,7 +884,7 @@ def kib(field):
 n, K = 2048, int(sys.argv[1])
 layer = LRLoRALinear(nn.Linear(n, n), grid_size=K)
 with torch.no_grad():
-    layer.B.normal_(); layer.a.normal_()
+    layer.B.normal_(0, 0.1); layer.a.normal_()
 x = torch.randn(4, n, requires_grad=True)
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current resident size
 before = kib("VmRSS")
@@ -812,8 +898,8 @@ def test_lrlora_peak_memory_of_forward_backward_is_a_few_dense_matrices():
     # glibc mmaps every block over 64 KiB and unmaps it on free, so the peak resident size is the peak of live tensors
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1", PYTHONPATH=LRLORA_HERE)
     peaks = [float(subprocess.run([sys.executable, "-c", LRLORA_MEMORY_PROBE, str(K)], env=env, capture_output=True, text=True,
-                                  check=True, timeout=120).stdout) for K in (2, 8)]
-    # the module states about 9 out x in float32 matrices (16 MiB each here); an (out, in, K) tensor would be 12+
+                                  check=True, timeout=120).stdout) for K in (2, 50)]
+    # out x in float32 matrices at peak (16 MiB each here); an (out, in, K) tensor would be 50+
     assert max(peaks) < 10, peaks
     assert abs(peaks[0] - peaks[1]) < 1, peaks  # independent of the number of grid points
 
@@ -847,7 +933,7 @@ def test_lrlora_self_contained_copy_trains_and_merges(tmp_path):
             opt.zero_grad(); loss.backward(); opt.step(); losses.append(loss.item())
         assert losses[-1] < losses[0], losses
         merged = nn.Sequential(net[0].merged(), nn.Tanh(), net[2].merged())
-        assert torch.allclose(merged(X), net(X), rtol=1e-5, atol=1e-6)
+        assert torch.equal(merged(X), net(X))
         print("ok")
     """)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH="")
