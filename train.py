@@ -37,12 +37,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from nanogpt_model import GPT, LLaMA, ByteTokenizer, GPTConfig, LLaMAConfig, generate
+import diagnostics
+from nanogpt_model import GPT, LLaMA, ByteTokenizer, GPTConfig, LLaMAConfig, generate, load_llama, load_tokenizer
 
 
 @dataclass(frozen=True)
-class Adapter:
-    """One adapter file's entry: where its class lives and the defaults train.py uses for it."""
+class Adapter:  # one adapter file: its class, and train.py's defaults for it (add a field here for a new per-method default)
     file: str
     cls: str
     targets: str  # from its paper, where the model has those projections (the built-in GPT has no gate_proj)
@@ -64,12 +64,12 @@ RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1
 DISTRIBUTED = "LOCAL_RANK" in os.environ  # started by torchrun (even with one process: DDP all the same)
 
 
-class UserError(Exception):
-    """A mistake in the command line or the input files: reported in one line, no traceback."""
+class UserError(Exception):  # a mistake in the command line or the input files: one line, no traceback, exit 2
+    pass
 
 
-class Interrupted(Exception):
-    """Ctrl-C or SIGTERM: the run stopped at a step boundary, its checkpoint saved."""
+class Interrupted(Exception):  # Ctrl-C or SIGTERM: the run stopped at a step boundary, its checkpoint saved; exit 130
+    pass
 
 
 def log(*a):
@@ -126,7 +126,14 @@ def parse_args(argv=None):
     for n in args.names or [args.adapter]:
         if n not in ADAPTERS:
             raise UserError(f"--adapter {n}: unknown adapter (choose from {', '.join(ADAPTERS)}, or all)")
-    args.device = check_device(args.device)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    kind, _, index = args.device.partition(":")
+    available = {"cpu": not index, "mps": not index and torch.backends.mps.is_available(),
+                 "cuda": torch.cuda.is_available() and (not index or index.isdigit() and int(index) < torch.cuda.device_count())}
+    if not available.get(kind):
+        raise UserError(f"--device {args.device}: not available here (torch {torch.__version__} sees {torch.cuda.device_count()} CUDA GPUs; "
+                        f"MPS {'yes' if torch.backends.mps.is_available() else 'no'})")
     if args.dtype == "auto":
         args.dtype = "bfloat16" if args.device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
     args.block_size = args.block_size or (256 if args.init_from else 128)
@@ -144,35 +151,19 @@ def parse_args(argv=None):
     return args
 
 
-def check_device(device):
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    kind, _, index = device.partition(":")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: torch {torch.__version__} sees no CUDA GPU (use --device cpu)")
-    if kind == "cuda" and index and not (index.isdigit() and int(index) < torch.cuda.device_count()):
-        raise UserError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device {device}: MPS is not available here (use --device cpu)")
-    if kind not in ("cpu", "cuda", "mps") or (kind != "cuda" and index):
-        raise UserError(f"--device {device}: not a device (auto, cpu, cuda, cuda:N or mps)")
-    return device
-
-
 # ----------------------------------------------------------------------------------------------
 # prepare: every check that is cheap, before the work that is not; then the base and the data, once
 
 
 @dataclass
-class Job:
-    """One adapter's run, resolved from the command line before any expensive work."""
+class Job:  # one adapter's run, resolved before any expensive work
     name: str
     targets: list
     kwargs: dict
     lr: float
     out: str  # <out-dir>/<name>
     signature: dict  # what must match for an interrupted run to resume
-    resume: bool  # out/<name>/ holds an interrupted run with this signature
+    resume: bool = False  # out/<name>/ holds an interrupted run with this signature
 
 
 def prepare(args):
@@ -189,9 +180,20 @@ def prepare(args):
         lr = ADAPTERS[name].lr if args.lr is None else args.lr
         signature = {"adapter": name, "targets": targets, "kwargs": kwargs, "lr": lr, "steps": args.steps, "batch_size": args.batch_size,
                      "block_size": args.block_size, "seed": args.seed, "data": args.data, "base": base_desc, "world": WORLD}
-        jobs.append(Job(name, targets, kwargs, lr, os.path.join(args.out_dir, name), signature, False))
-        jobs[-1].resume = check_out_dir(jobs[-1], args)
-    tok = tokenizer(args)
+        jobs.append(Job(name, targets, kwargs, lr, os.path.join(args.out_dir, name), signature))
+        ckpt, done = os.path.join(jobs[-1].out, "ckpt.pt"), os.path.join(jobs[-1].out, "adapter.pt")
+        if os.path.exists(ckpt) and not args.no_resume:  # never overwrite a result silently: resume it, or ask
+            saved = load_checkpoint(ckpt, "checkpoint (pass --no-resume to start over)").get("signature")
+            if saved != signature:
+                diff = ", ".join(sorted(k for k in signature if saved.get(k) != signature[k]))
+                raise UserError(f"{ckpt} holds an interrupted run with other settings ({diff}): repeat its command, pass --no-resume to start over, or use another --out-dir")
+            jobs[-1].resume = True
+        elif os.path.exists(done) and not args.overwrite:
+            raise UserError(f"{done} holds a finished run: pass --overwrite to replace it, or choose another --out-dir")
+    try:
+        tok = load_tokenizer(args.init_from) if args.init_from else ByteTokenizer()
+    except (OSError, ValueError) as e:
+        raise UserError(f"--init-from {args.init_from}: {e}")
     if not tok.encode(args.prompt, bos=True):
         raise UserError(f"--prompt {args.prompt!r}: must give at least one token")
     text = read_texts(args.data) if args.data else pydoc_topics()
@@ -210,7 +212,8 @@ def base_skeleton(args):
     if args.init_from is None:
         cfg = GPTConfig()
         key = hashlib.sha1(json.dumps([asdict(cfg), args.base_steps, sys.version_info[:2]]).encode()).hexdigest()[:10]
-        args.base_path = os.path.join(cache_dir(), f"gpt-{key}.pt")
+        cache = os.environ.get("NONLINEAR_LORA_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nonlinear-lora")
+        args.base_path = os.path.join(cache, f"gpt-{key}.pt")  # once per config for every run, whatever --out-dir
         with torch.device("meta"):
             return GPT(cfg), f"built-in GPT ({args.base_path})"
     root = args.init_from
@@ -228,44 +231,12 @@ def base_skeleton(args):
         return LLaMA(cfg), f"LLaMA ({root})"
 
 
-def cache_dir():
-    """Where the built-in GPT is cached once for every run: $NONLINEAR_LORA_CACHE, else the user cache dir."""
-    return os.environ.get("NONLINEAR_LORA_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nonlinear-lora")
-
-
-def check_out_dir(job, args):
-    """Never overwrite a result silently: an interrupted run resumes (same settings), a finished one needs --overwrite."""
-    ckpt, done = os.path.join(job.out, "ckpt.pt"), os.path.join(job.out, "adapter.pt")
-    if os.path.exists(ckpt) and not args.no_resume:
-        saved = load_checkpoint(ckpt, "checkpoint (pass --no-resume to start over)").get("signature")
-        if saved != job.signature:
-            diff = ", ".join(sorted(k for k in job.signature if saved.get(k) != job.signature[k]))
-            raise UserError(f"{ckpt} holds an interrupted run with other settings ({diff}): repeat its command, pass --no-resume to start over, or use another --out-dir")
-        return True
-    if os.path.exists(done) and not args.overwrite:
-        raise UserError(f"{done} holds a finished run: pass --overwrite to replace it, or choose another --out-dir")
-    return False
-
-
-def tokenizer(args):
-    if args.init_from is None:
-        return ByteTokenizer()
-    from nanogpt_model import load_tokenizer
-
-    try:
-        return load_tokenizer(args.init_from)
-    except (OSError, ValueError) as e:
-        raise UserError(f"--init-from {args.init_from}: {e}")
-
-
-def stdlib_code():
-    """The top-level *.py modules of the running Python's standard library (about 4.7 MB)."""
+def stdlib_code():  # the top-level *.py modules of the running Python's standard library (about 4.7 MB)
     files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
     return "\n\n".join(open(f, encoding="utf-8", errors="replace").read() for f in files)
 
 
-def pydoc_topics():
-    """Python's language reference as plain prose (about 0.46 MB)."""
+def pydoc_topics():  # Python's language reference as plain prose (about 0.46 MB)
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[k] for k in sorted(topics))
@@ -275,12 +246,8 @@ def read_texts(specs):
     """Text from files, folders (recursively) and globs; one clear error for anything missing or empty."""
     files = []
     for spec in specs:
-        if os.path.isdir(spec):
-            found = sorted(p for p in glob.glob(os.path.join(spec, "**", "*"), recursive=True) if os.path.isfile(p))
-        elif os.path.isfile(spec):
-            found = [spec]
-        else:
-            found = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+        pattern = os.path.join(spec, "**", "*") if os.path.isdir(spec) else spec
+        found = [spec] if os.path.isfile(spec) else sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
         if not found:
             raise UserError(f"--data {spec}: no such file, folder or matching glob")
         files += found
@@ -341,8 +308,6 @@ def load_checkpoint(path, what):
 def load_base(args):
     """The frozen model to adapt: a LLaMA checkpoint, or the built-in GPT (pretrained once, then cached)."""
     if args.init_from is not None:
-        from nanogpt_model import load_llama
-
         try:
             return load_llama(args.init_from, device=args.device, dtype=getattr(torch, args.dtype))
         except (ValueError, OSError) as e:
@@ -386,16 +351,11 @@ def adapter_kwargs(name, args):
     """Constructor keywords from the flags the user gave; a flag the adapter does not take is an error
     (when comparing several adapters, a method's flag applies to its own method only)."""
     params = inspect.signature(adapter_class(name).__init__).parameters
-    kwargs = {}
-    for k in ADAPTER_KWARGS:
-        if getattr(args, k, None) is None:
-            continue
+    given = [k for k in ADAPTER_KWARGS if getattr(args, k, None) is not None]
+    for k in given if len(args.names) == 1 else []:
         if k not in params:
-            if len(args.names) > 1:
-                continue
             raise UserError(f"--{'rank' if k == 'r' else k.replace('_', '-')} does not apply to --adapter {name}")
-        kwargs[k] = getattr(args, k)
-    return kwargs
+    return {k: getattr(args, k) for k in given if k in params}
 
 
 def parse_targets(spec):
@@ -593,7 +553,10 @@ def train(model, opt, data, val_batches, loop, args, ckpt_path, signature, desc,
     with stop_on_signal() as stop:
         try:
             for step in bar:
-                if stop_requested(stop.set, world, args.device):
+                flag = torch.tensor([float(stop.set)], device=args.device)
+                if world > 1:  # every process stops at the same step, or the others wait in DDP's all-reduce forever
+                    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                if flag.item():
                     break
                 t0 = time.perf_counter()
                 for g in opt.param_groups:
@@ -633,15 +596,6 @@ def train(model, opt, data, val_batches, loop, args, ckpt_path, signature, desc,
     return state
 
 
-def stop_requested(flag, world, device):
-    """Every process stops at the same step, or the others would wait in DDP's all-reduce forever."""
-    if world == 1:
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return t.item() > 0
-
-
 # ----------------------------------------------------------------------------------------------
 # finish: save first; sampling, rank diagnostics and the merge check after, each failing alone
 
@@ -658,8 +612,9 @@ def finish(model, adapters, job, args, tok, base_desc, val_batches, info, state)
         os.remove(os.path.join(job.out, "ckpt.pt"))  # the run is complete: adapter.pt holds its result
     atomic_save(metrics, os.path.join(job.out, "metrics.json"))
     metrics["finish_s"]["save"] = time.perf_counter() - t
-    for what, fn in (("sample", lambda: sample(model, tok, args)), ("rank", lambda: rank_report(adapters)),
-                     ("merge", lambda: merge_check(model, adapters, val_batches[0], args))):
+    x, y = (t[:8].to(args.device) for t in val_batches[0])  # the merge check's held-out sequences
+    for what, fn in (("sample", lambda: sample(model, tok, args)), ("rank", lambda: diagnostics.rank_report(adapters)),
+                     ("merge", lambda: diagnostics.merge_check(model, adapters, x, y))):
         t = time.perf_counter()
         try:
             metrics[what] = fn()
@@ -676,7 +631,7 @@ def finish(model, adapters, job, args, tok, base_desc, val_batches, info, state)
     log(f"val loss {metrics['val_loss_before']:.4f} -> {metrics['val_loss_after']:.4f}; {metrics['tokens_per_s']:,.0f} tokens/s; "
         f"after the last step: {', '.join(f'{k} {v:.2f} s' for k, v in metrics['finish_s'].items())}")
     if metrics["merge"]:
-        report_merge(metrics["merge"])
+        log(diagnostics.merge_line(metrics["merge"]))
     if metrics["sample"] is not None:
         log(f"sample: {metrics['sample']!r}"[:400])
     log(f"saved {job.out}/adapter.pt, metrics.json" + (", sample.txt" if metrics["sample"] is not None else ""))
@@ -691,108 +646,6 @@ def sample(model, tok, args):
     with autocast(args):
         ids = generate(model, prompt, args.sample_tokens, stop_id=tok.eos_id)[0].tolist()
     return tok.decode(ids[1:] if tok.bos_id is not None and ids[0] == tok.bos_id else ids)  # without the BOS marker
-
-
-def rank_stats(dw, threshold=0.005):
-    """Numerical rank (singular values above 0.005, GenLoRA's Fig. 4), stable rank ||dW||_F^2 / ||dW||_2^2
-    (LR-LoRA's Eq. 5) and energy sum(sigma^2) = ||dW||_F^2 (GenLoRA's Table 9) of one update."""
-    s = singular_values(dw.detach().float())
-    energy = torch.linalg.vector_norm(dw.detach(), dtype=torch.float64).item() ** 2
-    return {"numerical_rank": int((s > threshold).sum()), "stable_rank": energy / s[0].item() ** 2 if s[0] > 0 else 0.0,
-            "energy": energy, "spectrum": s[:64].tolist()}
-
-
-def singular_values(dw, k=72):
-    """The singular values of dW in float32, on dW's device. Most methods' dW has rank <= r, so first try the
-    range of dW times k random vectors: when that captures all of dW (a residual at float32 noise), the SVD of
-    the k x n projection has the same nonzero singular values, at a fraction of the cost of a full SVD on a
-    2048 x 8192 matrix. A dense dW (LR-LoRA's f(BA)) takes the full SVD."""
-    if min(dw.shape) <= 2 * k:
-        return torch.linalg.svdvals(dw)
-    omega = torch.randn(dw.shape[1], k, device=dw.device, generator=torch.Generator(dw.device).manual_seed(0))
-    q = torch.linalg.qr(dw @ omega).Q
-    proj = q.T @ dw
-    if torch.linalg.matrix_norm(dw - q @ proj) <= 1e-5 * torch.linalg.matrix_norm(dw):
-        return torch.linalg.svdvals(proj)
-    return torch.linalg.svdvals(dw)
-
-
-@torch.no_grad()
-def rank_report(adapters):
-    """Per-module diagnostics and their means; a method with no weight-space dW says why instead."""
-    per_module = {}
-    for n, a in adapters.items():
-        try:
-            per_module[n] = rank_stats(a.delta_weight())
-        except NotImplementedError as e:
-            return {"per_module": None, "mean": None, "reason": str(e)}
-    mean = {k: sum(m[k] for m in per_module.values()) / len(per_module) for k in ("numerical_rank", "stable_rank", "energy")}
-    return {"per_module": per_module, "mean": mean, "reason": None}
-
-
-@contextlib.contextmanager
-def swapped(model, adapters, replacements):
-    """Temporarily put replacements[name] where each adapter sits, e.g. its merged Linear or its base."""
-    def put(name, module):
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, module)
-
-    for n in adapters:
-        put(n, replacements[n])
-    try:
-        yield
-    finally:
-        for n, a in adapters.items():
-            put(n, a)
-
-
-@torch.no_grad()
-def tokens_per_s(model, x, reps=3):
-    model(x)  # warm-up
-    sync(str(x.device))
-    t = time.perf_counter()
-    for _ in range(reps):
-        model(x)
-    sync(str(x.device))
-    return reps * x.numel() / (time.perf_counter() - t)
-
-
-@torch.no_grad()
-def merge_check(model, adapters, batch, args, rows=8):
-    """Merged vs unmerged, eval mode, float32, on the device, on up to 8 held-out sequences (enough to see a 1e-4
-    difference, cheap on a 1B model). Exact methods must agree to 1e-4 relative on the logits; approximate ones
-    report their gap; a method with no weight-space form says why and what keeping the adapter costs."""
-    model.float().eval()  # training is over: compare in float32
-    x, y = (t[:rows].to(args.device) for t in batch)
-    unmerged = model(x)
-    loss = lambda logits: F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
-    exact = all(a.exact_merge for a in adapters.values())
-    try:
-        merged = {n: a.merged() for n, a in adapters.items()}
-    except NotImplementedError as e:
-        with_adapter = tokens_per_s(model, x)
-        with swapped(model, adapters, {n: a.base for n, a in adapters.items()}):
-            without = tokens_per_s(model, x)
-        return {"exact": False, "max_abs_logit_diff": None, "relative_diff": None, "val_loss_unmerged": loss(unmerged), "val_loss_merged": None,
-                "tokens": x.numel(), "reason": str(e), "inference_tokens_per_s": {"with_adapter": with_adapter, "base_layers_only": without}}
-    with swapped(model, adapters, merged):
-        merged_logits = model(x)
-    diff = (merged_logits - unmerged).abs().max().item()
-    rel = diff / unmerged.abs().max().item()
-    reason = None if exact else "approximate: merged() is the method's static inference form, not its training-time forward"
-    return {"exact": exact, "max_abs_logit_diff": diff, "relative_diff": rel, "val_loss_unmerged": loss(unmerged), "val_loss_merged": loss(merged_logits),
-            "tokens": x.numel(), "reason": reason, "passed": (rel <= 1e-4) if exact else None}
-
-
-def report_merge(m):
-    if m["max_abs_logit_diff"] is None:
-        t = m["inference_tokens_per_s"]
-        log(f"merge: none. {m['reason']}\n  the adapter stays at inference: {t['with_adapter']:,.0f} tokens/s with it vs "
-            f"{t['base_layers_only']:,.0f} without ({t['base_layers_only'] / t['with_adapter']:.2f}x)")
-        return
-    kind = "exact" if m["exact"] else "approximate (the paper's static inference form)"
-    log(f"merge ({kind}): max |dlogits| = {m['max_abs_logit_diff']:.3g} (relative {m['relative_diff']:.2g}), "
-        f"val loss unmerged {m['val_loss_unmerged']:.4f} vs merged {m['val_loss_merged']:.4f} ({m['tokens']} tokens)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -819,97 +672,22 @@ def run(job, base, base_desc, tok, train_data, val_batches, val_before, args):
     return finish(model, adapters, job, args, tok, base_desc, val_batches, info, state) if RANK == 0 else None
 
 
-# ----------------------------------------------------------------------------------------------
-# compare: one table, compare.json, compare.png
-
-
-def merge_summary(m):
-    if m is None:
-        return "(merge check failed)"
-    if m["max_abs_logit_diff"] is None:
-        return "none (stays at inference)"
-    return "exact" if m["exact"] else f"gap {m['max_abs_logit_diff']:.2g}"
-
-
-def compare(results, args):
-    """One row per method: parameters, loss, speed, merge and the rank diagnostics of its dW."""
-    head = f"{'method':<9} {'trainable':>10} {'val before':>10} {'val after':>9} {'tok/s':>8}  {'merge':<26} {'num.rank':>8} {'stable rk':>9} {'energy':>9}"
-    lines = [head, "-" * len(head)]
-    for name, m in results.items():
-        mean = (m["rank"] or {}).get("mean")
-        ranks = f"{mean['numerical_rank']:>8.1f} {mean['stable_rank']:>9.2f} {mean['energy']:>9.3g}" if mean else f"{'no weight-space dW':>28}"
-        lines.append(f"{name:<9} {m['trainable_params']:>10,} {m['val_loss_before']:>10.4f} {m['val_loss_after']:>9.4f} {m['tokens_per_s']:>8,.0f}  {merge_summary(m['merge']):<26} {ranks}")
-    log("\n" + "\n".join(lines))
-    log("rank columns: mean over adapted modules of dW's singular values > 0.005, ||dW||_F^2/||dW||_2^2, sum of sigma^2")
-    path = os.path.join(args.out_dir, "compare.json")
-    atomic_save({"steps": args.steps, "seed": args.seed, "data": args.data, "table": lines, "methods": results}, path)
-    log(f"saved {path}")
-    plot_compare(results, os.path.join(args.out_dir, "compare.png"))
-
-
-def plot_compare(results, path):
-    """The val-loss curves large on top; below, one panel per module type: the mean normalized spectrum of dW."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("no plot: pip install matplotlib to get compare.png (val-loss curves and dW spectra)")
-        return
-    per_module = {name: (m["rank"] or {}).get("per_module") or {} for name, m in results.items()}
-    kinds = [f"{t}_proj" for t in TARGETS if any(n.endswith(f".{t}_proj") for pm in per_module.values() for n in pm)]
-    cols = min(3, max(1, len(kinds)))
-    rows = math.ceil(len(kinds) / cols)
-    fig = plt.figure(figsize=(12, 5 + 2.8 * rows))
-    grid = fig.add_gridspec(1 + rows, cols, height_ratios=[2.2] + [1] * rows, hspace=0.45)
-    colors = dict(zip(results, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    ax = fig.add_subplot(grid[0, :])
-    for name, m in results.items():
-        ax.plot([0] + [c["step"] for c in m["curve"]], [m["val_loss_at_init"]] + [c["val_loss"] for c in m["curve"]], marker="o", ms=3, color=colors[name], label=name)
-    ax.set(title="validation loss", xlabel="step", ylabel="loss (nats per token)")
-    ax.grid(alpha=0.3)
-    for i, kind in enumerate(kinds):
-        sax = fig.add_subplot(grid[1 + i // cols, i % cols])
-        for name, pm in per_module.items():
-            spectra = [torch.tensor(s["spectrum"]) for n, s in pm.items() if n.endswith(kind)]
-            if spectra:
-                k = min(len(s) for s in spectra)
-                sax.semilogy(torch.arange(1, k + 1), torch.stack([s[:k] / s[0].clamp_min(1e-30) for s in spectra]).mean(0), marker=".", color=colors[name])
-        sax.set(title=f"{kind}: sigma_i / sigma_1 of dW (mean over layers)", xlabel="i", ylim=(1e-4, 1.5))
-        sax.title.set_fontsize(9)
-        sax.grid(alpha=0.3)
-    fig.legend(*ax.get_legend_handles_labels(), loc="upper center", ncol=len(results), frameon=False, bbox_to_anchor=(0.5, 0.995))
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    log(f"saved {path}")
-
-
 def report_saved_adapter(args):
     """--rank-report: the rank diagnostics of a saved adapter.pt, on the base it was trained on."""
     if not os.path.isfile(args.rank_report):
         raise UserError(f"--rank-report {args.rank_report}: no such file")
     load_adapter(copy.deepcopy(base_skeleton(args)[0]), args.rank_report)  # a wrong file fails before the base loads
-    model = load_base(args)
-    model.requires_grad_(False)
-    adapters, ckpt = load_adapter(model, args.rank_report)
-    rep = rank_report(adapters)
-    if rep["reason"]:
-        log(f"{ckpt['adapter']}: no weight-space dW. {rep['reason']}")
-        return
-    log(f"{ckpt['adapter']} ({args.rank_report}): {'module':<28} {'num.rank':>8} {'stable rk':>9} {'energy':>9}")
-    for n, st in rep["per_module"].items():
-        log(f"  {n:<28} {st['numerical_rank']:>8} {st['stable_rank']:>9.2f} {st['energy']:>9.3g}")
-    mean = rep["mean"]
-    log(f"  {'mean':<28} {mean['numerical_rank']:>8.1f} {mean['stable_rank']:>9.2f} {mean['energy']:>9.3g}")
+    adapters, ckpt = load_adapter(load_base(args).requires_grad_(False), args.rank_report)
+    log("\n".join(diagnostics.rank_lines(diagnostics.rank_report(adapters), f"{ckpt['adapter']} ({args.rank_report})")))
 
 
-def setup_distributed(args):
-    """Under torchrun: one process per device, NCCL on CUDA, gloo on the CPU."""
-    if args.device.startswith("cuda"):
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
-    torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+def compare(results, args):
+    """One table (also in compare.json) and one figure for several methods trained alike."""
+    lines = diagnostics.compare_table(results)
+    log("\n" + "\n".join(lines))
+    atomic_save({"steps": args.steps, "seed": args.seed, "data": args.data, "table": lines[:-1], "methods": results}, os.path.join(args.out_dir, "compare.json"))
+    png = os.path.join(args.out_dir, "compare.png")
+    log(f"saved {args.out_dir}/compare.json" + (f", {png}" if diagnostics.plot_compare(results, png) else " (pip install matplotlib for compare.png)"))
 
 
 def main(argv=None):
@@ -919,8 +697,11 @@ def main(argv=None):
             module = importlib.import_module(ADAPTERS[n].file)
             if hasattr(module, "COMPILE"):
                 module.COMPILE = True
-        if DISTRIBUTED:
-            setup_distributed(args)
+        if DISTRIBUTED:  # under torchrun: one process per device, NCCL on CUDA, gloo on the CPU
+            if args.device.startswith("cuda"):
+                args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+                torch.cuda.set_device(args.device)
+            torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
         if args.rank_report:
             report_saved_adapter(args)
             return 0
