@@ -29,6 +29,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import bench
 import nanogpt_model as M
+import data
 import diagnostics
 import train
 from aurora import AuroRALinear, bspline
@@ -187,8 +188,9 @@ def test_train_end_to_end_lora(tmp_path, tiny_text, train_cache, monkeypatch):
     model = train.load_base(args)
     adapters, ckpt = train.load_adapter(model, str(tmp_path / "lora" / "adapter.pt"))
     assert set(ckpt["state"]) == {f"{n}.{k}" for n in adapters for k in ("A", "B")}
-    _, val = train.split_tokens(list(open(tiny_text, "rb").read()), args.block_size, "data")
-    torch.testing.assert_close(train.evaluate(model, train.eval_batches(val, args), args), m["val_loss_after"], rtol=1e-5, atol=1e-5)
+    _, val = data.split_tokens(list(open(tiny_text, "rb").read()), args.block_size, "data")
+    batches = data.eval_batches(val, args.eval_iters, args.batch_size, args.block_size)
+    torch.testing.assert_close(train.evaluate(model, batches, args), m["val_loss_after"], rtol=1e-5, atol=1e-5)
 
     # a second run does not silently replace the finished one; --overwrite does
     again = run_train("--adapter", "lora", "--data", tiny_text, "--out-dir", str(tmp_path), *FAST, cache=train_cache)
@@ -208,16 +210,16 @@ def interrupt_at(point, step, monkeypatch):
             fired.append(1)
             os.kill(os.getpid(), signal.SIGINT)
 
-    real_batch, real_eval = train.get_batch, train.evaluate
+    real_batch, real_eval = data.get_batch, train.evaluate
 
-    def batch(data, s, *a, **k):
+    def batch(tokens, s, *a, **k):
         seen["step"] = s
         ctrl_c(point == "before the batch" and s == step)
-        out = real_batch(data, s, *a, **k)
+        out = real_batch(tokens, s, *a, **k)
         ctrl_c(point == "after the batch" and s == step)
         return out
 
-    monkeypatch.setattr(train, "get_batch", batch)
+    monkeypatch.setattr(data, "get_batch", batch)
     monkeypatch.setattr(train, "evaluate", lambda *a: (ctrl_c(point == "in the evaluation" and seen["step"] == step), real_eval(*a))[1])
     now = lambda m: seen["step"] == step and isinstance(m, LoRALinear)
     hooks = {"in the forward": lambda: nn.modules.module.register_module_forward_hook(lambda m, i, o: ctrl_c(now(m) and torch.is_grad_enabled())),
@@ -236,7 +238,7 @@ def interrupt_at(point, step, monkeypatch):
     def undo():
         for h in handles:
             h.remove()
-        monkeypatch.setattr(train, "get_batch", real_batch)
+        monkeypatch.setattr(data, "get_batch", real_batch)
         monkeypatch.setattr(train, "evaluate", real_eval)
         monkeypatch.setattr(train, "inject", real_inject)
     return undo
@@ -265,17 +267,17 @@ def test_train_second_ctrl_c_stops_at_once_and_still_resumes_exactly(tmp_path, t
     """A KeyboardInterrupt raised before the optimizer step (a second Ctrl-C): the weights are whole, so they are saved."""
     common = ["--adapter", "lora", "--data", tiny_text, *FAST]
     assert in_process([*common, "--out-dir", str(tmp_path / "straight")]) == 0
-    real = train.get_batch
+    real = data.get_batch
 
-    def raising(data, step, *a, **k):
+    def raising(tokens, step, *a, **k):
         if step == 4:
             raise KeyboardInterrupt
-        return real(data, step, *a, **k)
+        return real(tokens, step, *a, **k)
 
-    monkeypatch.setattr(train, "get_batch", raising)
+    monkeypatch.setattr(data, "get_batch", raising)
     assert in_process([*common, "--out-dir", str(tmp_path / "resumed")]) == 130
     assert torch.load(tmp_path / "resumed" / "lora" / "ckpt.pt")["state"]["step"] == 4
-    monkeypatch.setattr(train, "get_batch", real)
+    monkeypatch.setattr(data, "get_batch", real)
     assert in_process([*common, "--out-dir", str(tmp_path / "resumed")]) == 0
     a, b = adapter_weights(tmp_path / "straight"), adapter_weights(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -304,11 +306,11 @@ def test_pretraining_is_cached_once_and_resumes_exactly(tmp_path, tiny_text, mon
     for how in ("straight", "interrupted"):
         monkeypatch.setenv("NONLINEAR_LORA_CACHE", str(tmp_path / how / "cache"))
         if how == "interrupted":  # Ctrl-C in pretraining step 3 (the stdlib corpus is the one over 1M tokens)
-            real = train.get_batch
-            monkeypatch.setattr(train, "get_batch", lambda d, s, *a, **k: (os.kill(os.getpid(), signal.SIGINT) if s == 3 and d.numel() > 1_000_000 else None, real(d, s, *a, **k))[1])
+            real = data.get_batch
+            monkeypatch.setattr(data, "get_batch", lambda d, s, *a, **k: (os.kill(os.getpid(), signal.SIGINT) if s == 3 and d.numel() > 1_000_000 else None, real(d, s, *a, **k))[1])
             assert train.main([*common, "--out-dir", str(tmp_path / how / "out")]) == 130
             assert list((tmp_path / how / "cache").glob("*.ckpt")) and not list((tmp_path / how / "cache").glob("*.pt"))
-            monkeypatch.setattr(train, "get_batch", real)
+            monkeypatch.setattr(data, "get_batch", real)
             capsys.readouterr()
         assert train.main([*common, "--out-dir", str(tmp_path / how / "out")]) == 0
         out = capsys.readouterr()

@@ -6,14 +6,11 @@
     python train.py --adapter all                      # every adapter, one table, compare.png
     torchrun --standalone --nproc_per_node=2 train.py --adapter lora    # data parallel
 
-With no --init-from, the base model is the built-in byte-level GPT, pretrained once on the Python
-standard library's own top-level modules (code) and cached in ~/.cache/nonlinear-lora/. With no --data,
-it is fine-tuned on Python's language reference (pydoc_data.topics, prose). Both corpora ship with
-CPython, so the default run needs nothing but this repository.
-
-The file reads in the order it runs: command line -> prepare (every cheap check first, then the base
-and the data, once) -> wrap (a fresh copy of the base per adapter) -> train (one loop, which also
-pretrains the built-in GPT) -> finish (save first, then sample, rank diagnostics, merge check) -> compare.
+With no --init-from the base is the built-in byte-level GPT, pretrained once on the Python standard library's
+code and cached in ~/.cache/nonlinear-lora/; with no --data it is fine-tuned on Python's language reference.
+The file reads in the order it runs: command line -> prepare (every cheap check, then the base and the data,
+once) -> wrap (a fresh copy of the base per adapter) -> train (one loop, which also pretrains the built-in
+GPT) -> finish (save first, then sample, rank diagnostics, merge check) -> compare.
 """
 import argparse
 import contextlib
@@ -37,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import data
 import diagnostics
 from nanogpt_model import GPT, LLaMA, ByteTokenizer, GPTConfig, LLaMAConfig, generate, load_llama, load_tokenizer
 
@@ -144,8 +142,6 @@ def parse_args(argv=None):
             raise UserError(f"--{k.replace('_', '-')} {getattr(args, k)}: must be at least 1")
     if args.lr is not None and not args.lr >= 0:
         raise UserError(f"--lr {args.lr:g}: must be 0 or more")
-    if args.seed < 0:
-        raise UserError(f"--seed {args.seed}: must be 0 or more")
     if args.batch_size % WORLD:
         raise UserError(f"--batch-size {args.batch_size}: must divide evenly across {WORLD} processes")
     return args
@@ -196,11 +192,16 @@ def prepare(args):
         raise UserError(f"--init-from {args.init_from}: {e}")
     if not tok.encode(args.prompt, bos=True):
         raise UserError(f"--prompt {args.prompt!r}: must give at least one token")
-    text = read_texts(args.data) if args.data else pydoc_topics()
-    train_data, val_data = split_tokens(tok.encode(text), args.block_size, "--data" if args.data else "pydoc topics")
+    try:
+        text, skipped = data.read_texts(args.data) if args.data else (data.pydoc_topics(), 0)
+        train_data, val_data = data.split_tokens(tok.encode(text), args.block_size, "--data" if args.data else "pydoc topics")
+    except ValueError as e:
+        raise UserError(e)
+    if skipped:
+        log(f"data: skipped {skipped} file(s) that are not UTF-8 text")
     base = load_base(args)
     base.requires_grad_(False)
-    val_batches = eval_batches(val_data, args)
+    val_batches = data.eval_batches(val_data, args.eval_iters, args.batch_size, args.block_size)
     val_before = evaluate(base, val_batches, args) if RANK == 0 else None
     if DISTRIBUTED:
         torch.distributed.barrier()  # every process has decided whether to resume before rank 0 replaces a checkpoint
@@ -216,86 +217,16 @@ def base_skeleton(args):
         args.base_path = os.path.join(cache, f"gpt-{key}.pt")  # once per config for every run, whatever --out-dir
         with torch.device("meta"):
             return GPT(cfg), f"built-in GPT ({args.base_path})"
-    root = args.init_from
+    hf, metas = os.path.join(args.init_from, "config.json"), [os.path.join(args.init_from, *p, "params.json") for p in ((), ("original",))]
     try:
-        if os.path.isfile(os.path.join(root, "config.json")):
-            cfg = LLaMAConfig.from_hf(json.load(open(os.path.join(root, "config.json"))))
-        else:
-            meta = next((p for p in (os.path.join(root, "params.json"), os.path.join(root, "original", "params.json")) if os.path.isfile(p)), None)
-            if meta is None:
-                raise ValueError("not a directory with config.json (HF) or params.json (Meta)")
-            cfg = LLaMAConfig.from_meta(json.load(open(meta)), vocab_size=1)  # the vocabulary does not shape any target
+        if not os.path.isfile(hf) and not any(map(os.path.isfile, metas)):
+            raise ValueError("not a directory with config.json (HF) or params.json (Meta)")
+        cfg = (LLaMAConfig.from_hf(json.load(open(hf))) if os.path.isfile(hf) else  # the vocabulary shapes no target:
+               LLaMAConfig.from_meta(json.load(open(next(filter(os.path.isfile, metas)))), vocab_size=1))
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"--init-from {root}: {e}")
+        raise UserError(f"--init-from {args.init_from}: {e}")
     with torch.device("meta"):
-        return LLaMA(cfg), f"LLaMA ({root})"
-
-
-def stdlib_code():  # the top-level *.py modules of the running Python's standard library (about 4.7 MB)
-    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
-    return "\n\n".join(open(f, encoding="utf-8", errors="replace").read() for f in files)
-
-
-def pydoc_topics():  # Python's language reference as plain prose (about 0.46 MB)
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))
-
-
-def read_texts(specs):
-    """Text from files, folders (recursively) and globs; one clear error for anything missing or empty."""
-    files = []
-    for spec in specs:
-        pattern = os.path.join(spec, "**", "*") if os.path.isdir(spec) else spec
-        found = [spec] if os.path.isfile(spec) else sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-        if not found:
-            raise UserError(f"--data {spec}: no such file, folder or matching glob")
-        files += found
-    texts, skipped = [], 0
-    for f in files:
-        try:
-            texts.append(open(f, "rb").read().decode("utf-8"))
-        except UnicodeDecodeError:
-            skipped += 1  # a folder may hold images or binaries: only text files are data
-    text = "\n\n".join(t for t in texts if t)
-    if not text.strip():
-        raise UserError(f"--data {' '.join(specs)}: no text found ({len(files)} file(s), {skipped} not UTF-8 text)")
-    if skipped:
-        log(f"data: skipped {skipped} file(s) that are not UTF-8 text")
-    return text
-
-
-def split_tokens(ids, block_size, what):
-    """90% train / 10% validation; each split must hold at least one block plus its target."""
-    data = torch.tensor(ids, dtype=torch.long)
-    n = int(0.9 * len(data))
-    if min(n, len(data) - n) < block_size + 1:
-        need = math.ceil((block_size + 1) / 0.1)
-        raise UserError(f"{what}: {len(data)} tokens is too short for block size {block_size} (need at least {need} tokens, or a smaller --block-size)")
-    return data[:n], data[n:]
-
-
-def windows(data, ix, block_size):
-    """The block_size-token windows starting at ix, and the same shifted by one: inputs and targets."""
-    return torch.stack([data[i : i + block_size] for i in ix]), torch.stack([data[i + 1 : i + 1 + block_size] for i in ix])
-
-
-def step_seed(seed, step, rank=0):
-    return (seed * 1_000_003 + step) * 1009 + rank  # distinct for every (seed, step < 1,000,003, rank < 1009)
-
-
-def get_batch(data, step, batch_size, block_size, seed, world=1, rank=0):
-    """The batch of one step, a pure function of (seed, step, rank): a resumed run sees exactly the batches
-    an uninterrupted one does. Every process draws the same global batch and keeps its own slice."""
-    ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=torch.Generator().manual_seed(step_seed(seed, step)))
-    return windows(data, ix.chunk(world)[rank], block_size)
-
-
-def eval_batches(data, args):
-    """A fixed set of validation batches, so before, after, merged and unmerged see the same tokens."""
-    gen = torch.Generator().manual_seed(1234)
-    ix = torch.randint(len(data) - args.block_size - 1, (args.eval_iters, args.batch_size), generator=gen)
-    return [windows(data, row, args.block_size) for row in ix]
+        return LLaMA(cfg), f"LLaMA ({args.init_from})"
 
 
 def load_checkpoint(path, what):
@@ -307,11 +238,11 @@ def load_checkpoint(path, what):
 
 def load_base(args):
     """The frozen model to adapt: a LLaMA checkpoint, or the built-in GPT (pretrained once, then cached)."""
-    if args.init_from is not None:
-        try:
+    try:
+        if args.init_from is not None:
             return load_llama(args.init_from, device=args.device, dtype=getattr(torch, args.dtype))
-        except (ValueError, OSError) as e:
-            raise UserError(f"--init-from {args.init_from}: {e}")
+    except (ValueError, OSError) as e:
+        raise UserError(f"--init-from {args.init_from}: {e}")
     if not os.path.exists(args.base_path) and RANK == 0:
         pretrain_gpt(args)
     if DISTRIBUTED:
@@ -327,8 +258,8 @@ def pretrain_gpt(args):
     cfg = GPTConfig()
     torch.manual_seed(1337)  # the same base for every --seed: it is cached once per config
     model = GPT(cfg).to(args.device)
-    train_data, val_data = split_tokens(list(stdlib_code().encode("utf-8")), cfg.block_size, "stdlib corpus")
-    val = [windows(val_data, row, cfg.block_size) for row in torch.randint(len(val_data) - cfg.block_size - 1, (5, 32), generator=torch.Generator().manual_seed(0))]
+    train_data, val_data = data.split_tokens(list(data.stdlib_code().encode("utf-8")), cfg.block_size, "stdlib corpus")
+    val = data.eval_batches(val_data, 5, 32, cfg.block_size)
     loop = Loop(steps=args.base_steps, lr=2e-3, batch_size=32, block_size=cfg.block_size, seed=1337, eval_interval=100)
     opt = torch.optim.AdamW(model.parameters(), lr=loop.lr, betas=(0.9, 0.95), weight_decay=0.1)
     log(f"pretraining the built-in GPT ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) once on the stdlib's code: "
@@ -524,7 +455,7 @@ def stop_on_signal():
             signal.signal(s, h)
 
 
-def train(model, opt, data, val_batches, loop, args, ckpt_path, signature, desc, resume, world=WORLD, rank=RANK):
+def train(model, opt, tokens, val_batches, loop, args, ckpt_path, signature, desc, resume, world=WORLD, rank=RANK):
     """Train what requires grad in model for loop.steps; with resume, continue the run saved in ckpt_path."""
     params = [p for g in opt.param_groups for p in g["params"]]
     live = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -561,8 +492,8 @@ def train(model, opt, data, val_batches, loop, args, ckpt_path, signature, desc,
                 t0 = time.perf_counter()
                 for g in opt.param_groups:
                     g["lr"] = loop.lr * lr_factor(step, loop.steps)
-                torch.manual_seed(step_seed(loop.seed, step, rank))  # dropout, if any: also a function of the step
-                x, y = get_batch(data, step, loop.batch_size, loop.block_size, loop.seed, world, rank)
+                torch.manual_seed(data.step_seed(loop.seed, step, rank))  # dropout, if any: also a function of the step
+                x, y = data.get_batch(tokens, step, loop.batch_size, loop.block_size, loop.seed, world, rank)
                 with autocast(args):
                     logits = fwd(x.to(args.device))
                 loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(args.device).flatten())
