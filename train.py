@@ -523,6 +523,8 @@ def train(model, opt, tokens, val_batches, loop, args, ckpt_path, signature, des
     bar.close()
     if state.step < loop.steps:
         save()
+        if world > 1:
+            torch.distributed.barrier()  # no process exits before rank 0 has saved: torchrun would stop it mid-write
         raise Interrupted(f"interrupted after step {state.step}: run the same command again to resume from {ckpt_path}")
     return state
 
