@@ -59,6 +59,14 @@ PRESETS = {
 RANKS = {"lora": 8, "genlora": 8, "lrlora": 8, "aurora": 2, "ranlora": 2}  # the issue's settings; alpha: class defaults
 
 
+T0 = time.perf_counter()
+
+
+def progress(msg):
+    """What bench.py is doing, as it does it (stderr; a full GPU run takes minutes)."""
+    print(f"[{time.perf_counter() - T0:6.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -204,12 +212,14 @@ def hf_variants(base, device, dtype, targets, r, alpha):
 
 def bench_steps(variants, x, y, device, reps, warmup):
     for v in variants:  # warm-up: allocator, cuBLAS handles, torch.compile
+        progress(f"warm-up and peak memory: {v.name}")
         for _ in range(warmup):
             v.step(x, y)
     sync(device)
     for v in variants:
         v.peak = measure_peak(v, x, y, device)
     for i in range(reps):  # interleaved, the order rotating each repetition so drift cancels
+        progress(f"timing: repetition {i + 1} of {reps}, {len(variants)} variants")
         for v in variants[i % len(variants):] + variants[: i % len(variants)]:
             v.times.append(timed(lambda: v.step(x, y), device))
 
@@ -299,6 +309,7 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # float32 stays float32
     t_start = time.perf_counter()
 
+    progress(f"building the {args.preset} preset's base model on {device}")
     base = build_base(cfg, device, dtype)
     shape = (f"GPT {base.config.n_layer}x{base.config.n_embd}" if cfg["model"] == "gpt" else
              f"LLaMA ({base.config.num_hidden_layers} layers, hidden {base.config.hidden_size}{', the 3.2-1B shape' if not cfg['llama'] else ''})")
@@ -316,6 +327,7 @@ def main(argv=None):
         m = share_copy(base)
         variants.append(Variant("floor", m, embedding=embedding_of(m)))
     for name in [n for n in wanted if n in train.ADAPTERS]:
+        progress(f"wrapping the base with {name}")
         m = share_copy(base)
         torch.manual_seed(0)
         sync(device)
@@ -375,6 +387,7 @@ def main(argv=None):
                 f.write(ev.table(sort_by=sort, row_limit=25, max_name_column_width=60) + "\n")
 
     if "inference" not in skip:  # merged models are plain Linears again: they should run as the base does
+        progress("inference: merged models against the base")
         for v in variants:
             v.opt = None
         models, merge_notes = {"base": base}, {}
@@ -391,6 +404,7 @@ def main(argv=None):
         results["inference_notes"] = merge_notes
         del models
     if "checkpoint" not in skip:
+        progress("checkpoint: load_llama against reading the file")
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 results["checkpoint"] = bench_checkpoint(cfg, device, dtype, tmp)

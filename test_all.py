@@ -9,11 +9,14 @@ import json
 import math
 import os
 import random
+import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +25,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import bench
 import nanogpt_model as M
+import data
+import diagnostics
 import train
 from aurora import AuroRALinear, bspline
 from genlora import GenLoRALinear
@@ -135,97 +141,298 @@ def tiny_text(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def train_cache(tmp_path_factory):
+    """The built-in GPT's cache for these tests (5 pretraining steps), not the user's ~/.cache."""
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture
+def in_process(train_cache, monkeypatch):
+    """train.main in this process, with the test cache; returns (exit status, stderr)."""
+    monkeypatch.setenv("NONLINEAR_LORA_CACHE", train_cache)
+    return train.main
+
+
 FAST = ["--steps", "6", "--base-steps", "5", "--eval-interval", "3", "--eval-iters", "2", "--batch-size", "4",
         "--block-size", "32", "--sample-tokens", "8", "--device", "cpu"]
 
 
-def run_train(*args, cwd=HERE):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def run_train(*args, cwd=HERE, cache=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"NONLINEAR_LORA_CACHE": cache} if cache else {})}
     return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
 
 
-def test_train_end_to_end_lora(tmp_path, tiny_text):
-    r = run_train("--adapter", "lora", "--data", tiny_text, "--out-dir", str(tmp_path), *FAST)
+def adapter_weights(out_dir, name="lora"):
+    return torch.load(Path(out_dir) / name / "adapter.pt")["state"]
+
+
+def test_train_end_to_end_lora(tmp_path, tiny_text, train_cache, monkeypatch):
+    r = run_train("--adapter", "lora", "--data", tiny_text, "--out-dir", str(tmp_path), *FAST, cache=train_cache)
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.load(open(tmp_path / "lora" / "metrics.json"))
     for k in ("adapter", "trainable_params", "total_params", "val_loss_before", "val_loss_after", "steps", "tokens_per_s"):
         assert k in m, k
     assert m["adapter"] == "lora" and m["steps"] == 6 and 0 < m["trainable_params"] < m["total_params"]
-    assert m["merge"]["exact"] is True and m["merge"]["passed"] is True
+    assert m["merge"]["exact"] is True and m["merge"]["passed"] is True and not m["errors"]
     assert m["merge"]["max_abs_logit_diff"] < 1e-4 and abs(m["merge"]["val_loss_merged"] - m["merge"]["val_loss_unmerged"]) < 1e-5
     assert m["init_gap_max_abs_logit_diff"] == 0.0
+    assert set(m["finish_s"]) == {"save", "sample", "rank", "merge"}
     assert not (tmp_path / "lora" / "ckpt.pt").exists()  # a finished run leaves no resume checkpoint
+    assert (tmp_path / "lora" / "sample.txt").read_text() == m["sample"]
 
     # the saved adapter loads back onto a fresh base and reproduces the trained model's loss
+    monkeypatch.setenv("NONLINEAR_LORA_CACHE", train_cache)
     args = train.parse_args(["--adapter", "lora", "--data", tiny_text, "--out-dir", str(tmp_path), *FAST])
-    model, tok, _ = train.load_base(args)
+    train.base_skeleton(args)
+    model = train.load_base(args)
     adapters, ckpt = train.load_adapter(model, str(tmp_path / "lora" / "adapter.pt"))
     assert set(ckpt["state"]) == {f"{n}.{k}" for n in adapters for k in ("A", "B")}
-    _, val = train.split_tokens(tok.encode(open(tiny_text).read()), args.block_size, "data")
-    torch.testing.assert_close(train.evaluate(model, train.eval_batches(val, args), args), m["val_loss_after"], rtol=1e-5, atol=1e-5)
+    _, val = data.split_tokens(list(open(tiny_text, "rb").read()), args.block_size, "data")
+    batches = data.eval_batches(val, args.eval_iters, args.batch_size, args.block_size)
+    torch.testing.assert_close(train.evaluate(model, batches, args), m["val_loss_after"], rtol=1e-5, atol=1e-5)
+
+    # a second run does not silently replace the finished one; --overwrite does
+    again = run_train("--adapter", "lora", "--data", tiny_text, "--out-dir", str(tmp_path), *FAST, cache=train_cache)
+    assert again.returncode == 2 and "--overwrite" in again.stderr.strip().splitlines()[-1], again.stderr[-2000:]
+    again = run_train("--adapter", "lora", "--data", tiny_text, "--out-dir", str(tmp_path), "--overwrite", "--lr", "0", *FAST, cache=train_cache)
+    assert again.returncode == 0, again.stderr[-2000:]
+    m0 = json.load(open(tmp_path / "lora" / "metrics.json"))
+    assert m0["lr"] == 0 and all((v == 0).all() for k, v in adapter_weights(tmp_path).items() if k.endswith(".B"))  # --lr 0 is honoured
 
 
-def test_train_resumes_an_interrupted_run_exactly(tmp_path, tiny_text, monkeypatch):
+def interrupt_at(point, step, monkeypatch):
+    """Deliver a real SIGINT (Ctrl-C) once, at `point` of training step `step` (0-based). Returns the undo."""
+    fired, seen = [], {"step": -1}
+
+    def ctrl_c(now=True):
+        if now and not fired:
+            fired.append(1)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    real_batch, real_eval = data.get_batch, train.evaluate
+
+    def batch(tokens, s, *a, **k):
+        seen["step"] = s
+        ctrl_c(point == "before the batch" and s == step)
+        out = real_batch(tokens, s, *a, **k)
+        ctrl_c(point == "after the batch" and s == step)
+        return out
+
+    monkeypatch.setattr(data, "get_batch", batch)
+    monkeypatch.setattr(train, "evaluate", lambda *a: (ctrl_c(point == "in the evaluation" and seen["step"] == step), real_eval(*a))[1])
+    now = lambda m: seen["step"] == step and isinstance(m, LoRALinear)
+    hooks = {"in the forward": lambda: nn.modules.module.register_module_forward_hook(lambda m, i, o: ctrl_c(now(m) and torch.is_grad_enabled())),
+             "in the optimizer step": lambda: register_optimizer_step_pre_hook(lambda o, a, k: ctrl_c(seen["step"] == step))}
+    handles = [hooks[point]()] if point in hooks else []  # only where needed (a module backward hook would reorder gradient sums)
+    real_inject = train.inject
+
+    def inject(*a, **k):  # in the backward: as each adapter weight's gradient arrives
+        wrapped = real_inject(*a, **k)
+        for p in (p for m in wrapped.values() for p in m.parameters() if p.requires_grad and point == "in the backward"):
+            p.register_post_accumulate_grad_hook(lambda p: ctrl_c(seen["step"] == step))
+        return wrapped
+
+    monkeypatch.setattr(train, "inject", inject)
+
+    def undo():
+        for h in handles:
+            h.remove()
+        monkeypatch.setattr(data, "get_batch", real_batch)
+        monkeypatch.setattr(train, "evaluate", real_eval)
+        monkeypatch.setattr(train, "inject", real_inject)
+    return undo
+
+
+@pytest.mark.parametrize("point, step", [("before the batch", 1), ("after the batch", 4), ("in the forward", 3), ("in the backward", 2),
+                                         ("in the optimizer step", 4), ("in the evaluation", 2)])
+def test_train_resumes_exactly_wherever_ctrl_c_lands(tmp_path, tiny_text, in_process, monkeypatch, point, step):
+    """Ctrl-C anywhere in a step: the run stops at the step's end, and the resumed run ends with bit-identical weights
+    (the batch of a step is a function of (seed, step), so nothing drawn before the interrupt is lost or repeated)."""
     common = ["--adapter", "lora", "--data", tiny_text, *FAST]
-    assert train.main([*common, "--out-dir", str(tmp_path / "straight")]) == 0
+    assert in_process([*common, "--out-dir", str(tmp_path / "straight")]) == 0
+    undo = interrupt_at(point, step, monkeypatch)
+    try:
+        assert in_process([*common, "--out-dir", str(tmp_path / "resumed")]) == 130
+    finally:
+        undo()
+    assert torch.load(tmp_path / "resumed" / "lora" / "ckpt.pt")["state"]["step"] == step + 1
+    assert not (tmp_path / "resumed" / "lora" / "adapter.pt").exists()
+    assert in_process([*common, "--out-dir", str(tmp_path / "resumed")]) == 0
+    a, b = adapter_weights(tmp_path / "straight"), adapter_weights(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
-    calls = {"n": 0}
-    real = train.get_batch
 
-    def interrupting(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 5:  # Ctrl-C during step 5
+def test_train_second_ctrl_c_stops_at_once_and_still_resumes_exactly(tmp_path, tiny_text, in_process, monkeypatch):
+    """A KeyboardInterrupt raised before the optimizer step (a second Ctrl-C): the weights are whole, so they are saved."""
+    common = ["--adapter", "lora", "--data", tiny_text, *FAST]
+    assert in_process([*common, "--out-dir", str(tmp_path / "straight")]) == 0
+    real = data.get_batch
+
+    def raising(tokens, step, *a, **k):
+        if step == 4:
             raise KeyboardInterrupt
-        return real(*a, **k)
+        return real(tokens, step, *a, **k)
 
-    monkeypatch.setattr(train, "get_batch", interrupting)
-    with pytest.raises(SystemExit) as e:
-        train.main([*common, "--out-dir", str(tmp_path / "resumed")])
-    assert e.value.code == 130 and (tmp_path / "resumed" / "lora" / "ckpt.pt").exists()
-    monkeypatch.setattr(train, "get_batch", real)
-    assert train.main([*common, "--out-dir", str(tmp_path / "resumed")]) == 0
-
-    a = torch.load(tmp_path / "straight" / "lora" / "adapter.pt")["state"]
-    b = torch.load(tmp_path / "resumed" / "lora" / "adapter.pt")["state"]
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    monkeypatch.setattr(data, "get_batch", raising)
+    assert in_process([*common, "--out-dir", str(tmp_path / "resumed")]) == 130
+    assert torch.load(tmp_path / "resumed" / "lora" / "ckpt.pt")["state"]["step"] == 4
+    monkeypatch.setattr(data, "get_batch", real)
+    assert in_process([*common, "--out-dir", str(tmp_path / "resumed")]) == 0
+    a, b = adapter_weights(tmp_path / "straight"), adapter_weights(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "short", "adapter", "target", "nomatch", "rank", "flag", "corrupt"])
-def test_train_bad_input_is_one_clear_line(tmp_path, tiny_text, case):
+def test_train_resume_refuses_other_settings_and_no_resume_starts_over(tmp_path, tiny_text, in_process, monkeypatch, capsys):
+    common = ["--adapter", "lora", "--data", tiny_text, *FAST]
+    assert in_process([*common, "--out-dir", str(tmp_path / "straight")]) == 0
+    undo = interrupt_at("before the batch", 2, monkeypatch)
+    assert in_process([*common, "--out-dir", str(tmp_path / "resumed")]) == 130
+    undo()
+    capsys.readouterr()
+    for other in (["--steps", "8"], ["--lr", "2e-3"], ["--seed", "1"], ["--rank", "4"], ["--batch-size", "2"]):  # --steps: the lr schedule
+        assert in_process([*common, *other, "--out-dir", str(tmp_path / "resumed")]) == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line.startswith("error: ") and "other settings" in line and "--no-resume" in line, line
+    assert in_process([*common, "--out-dir", str(tmp_path / "resumed"), "--no-resume"]) == 0  # starts over, ends as the uninterrupted run
+    a, b = adapter_weights(tmp_path / "straight"), adapter_weights(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a) and not (tmp_path / "resumed" / "lora" / "ckpt.pt").exists()
+
+
+def test_pretraining_is_cached_once_and_resumes_exactly(tmp_path, tiny_text, monkeypatch, capsys):
+    """The built-in base: pretrained with the same loop (so Ctrl-C keeps its progress), cached outside --out-dir."""
+    common = ["--adapter", "lora", "--data", tiny_text, *FAST, "--base-steps", "7", "--steps", "1"]
+    bases = {}
+    for how in ("straight", "interrupted"):
+        monkeypatch.setenv("NONLINEAR_LORA_CACHE", str(tmp_path / how / "cache"))
+        if how == "interrupted":  # Ctrl-C in pretraining step 3 (the stdlib corpus is the one over 1M tokens)
+            real = data.get_batch
+            monkeypatch.setattr(data, "get_batch", lambda d, s, *a, **k: (os.kill(os.getpid(), signal.SIGINT) if s == 3 and d.numel() > 1_000_000 else None, real(d, s, *a, **k))[1])
+            assert train.main([*common, "--out-dir", str(tmp_path / how / "out")]) == 130
+            assert list((tmp_path / how / "cache").glob("*.ckpt")) and not list((tmp_path / how / "cache").glob("*.pt"))
+            monkeypatch.setattr(data, "get_batch", real)
+            capsys.readouterr()
+        assert train.main([*common, "--out-dir", str(tmp_path / how / "out")]) == 0
+        out = capsys.readouterr()
+        assert ("resuming" in out.out + out.err) == (how == "interrupted")
+        bases[how] = torch.load(next((tmp_path / how / "cache").glob("gpt-*.pt")))["model"]
+    assert all(torch.equal(bases["straight"][k], bases["interrupted"][k]) for k in bases["straight"])
+    # another --out-dir, --seed or command finds the cached base: no pretraining
+    assert train.main([*common, "--out-dir", str(tmp_path / "other"), "--seed", "7"]) == 0
+    assert "pretraining the built-in GPT" not in capsys.readouterr().out
+
+
+def run_in_process(argv, capsys, monkeypatch):
+    """train.main on argv with the expensive steps made to fail: a user mistake must be caught before them."""
+    def expensive(*a, **k):
+        raise AssertionError("expensive work started before the input was checked")
+
+    monkeypatch.setattr(train, "load_base", expensive)
+    monkeypatch.setattr(train, "pretrain_gpt", expensive)
+    capsys.readouterr()
+    status = train.main(argv)
+    return status, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "short", "adapter", "target", "no-target", "nomatch", "rank", "rank-genlora", "flag",
+                                  "corrupt", "lr", "block", "device", "prompt", "finished", "init-from", "bad-int"])
+def test_train_bad_input_is_one_clear_line_before_any_work(tmp_path, tiny_text, case, capsys, monkeypatch, train_cache):
+    monkeypatch.setenv("NONLINEAR_LORA_CACHE", train_cache)
     empty, short = tmp_path / "empty.txt", tmp_path / "short.txt"
     empty.write_text("")
     short.write_text("too short for a block")
-    base = ["--out-dir", str(tmp_path), *FAST]
-    argv = {
-        "missing": ["--data", str(tmp_path / "nope.txt")],
-        "empty": ["--data", str(empty)],
-        "short": ["--data", str(short)],
-        "adapter": ["--adapter", "nosuch", "--data", tiny_text],
-        "target": ["--adapter", "lora", "--targets", "q,zz", "--data", tiny_text],
-        "nomatch": ["--adapter", "lora", "--targets", "gate", "--data", tiny_text],  # the GPT has no gate_proj
-        "rank": ["--adapter", "lora", "--rank", "100000", "--data", tiny_text],
-        "flag": ["--adapter", "lora", "--groups", "4", "--data", tiny_text],
-        "corrupt": ["--adapter", "lora", "--data", tiny_text],
+    argv, expected = {
+        "missing": (["--data", str(tmp_path / "nope.txt")], "nope.txt"),
+        "empty": (["--data", str(empty)], "no text"),
+        "short": (["--data", str(short)], "too short"),
+        "adapter": (["--adapter", "nosuch"], "unknown adapter"),
+        "target": (["--adapter", "lora", "--targets", "q,zz"], "zz"),
+        "no-target": (["--adapter", "lora", "--targets", ""], "no target"),
+        "nomatch": (["--adapter", "lora", "--targets", "gate"], "no module"),  # the GPT has no gate_proj
+        "rank": (["--adapter", "lora", "--rank", "100000"], "r=100000"),
+        "rank-genlora": (["--adapter", "genlora", "--rank", "100000"], "r=100000 exceeds min(in, out) = 128"),  # was an out-of-memory
+        "flag": (["--adapter", "lora", "--groups", "4"], "--groups"),
+        "corrupt": (["--adapter", "lora"], "ckpt.pt"),
+        "lr": (["--adapter", "lora", "--lr", "-1"], "--lr -1"),
+        "block": (["--adapter", "lora", "--block-size", "200"], "fixed at 128"),
+        "device": (["--adapter", "lora", "--device", "cuda:7"], "--device cuda:7"),
+        "prompt": (["--adapter", "lora", "--prompt", ""], "--prompt"),
+        "finished": (["--adapter", "lora"], "--overwrite"),
+        "init-from": (["--adapter", "lora", "--init-from", str(tmp_path)], "--init-from"),
+        "bad-int": (["--adapter", "lora", "--steps", "many"], "--steps"),
     }[case]
     if case == "corrupt":  # an interrupted run's checkpoint that was damaged on disk
         (tmp_path / "lora").mkdir()
         (tmp_path / "lora" / "ckpt.pt").write_bytes(b"not a checkpoint")
-    r = run_train(*argv, *base)
-    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    lines = r.stderr.strip().splitlines()
-    assert lines and lines[-1].startswith("error: ") and "Traceback" not in r.stderr, r.stderr[-2000:]
-    expected = {"missing": "nope.txt", "empty": "no text", "short": "too short", "adapter": "unknown adapter", "target": "zz",
-                "nomatch": "no module", "rank": "r=100000", "flag": "--groups", "corrupt": "ckpt.pt"}[case]
-    assert expected in lines[-1]
+    if case == "finished":
+        (tmp_path / "lora").mkdir()
+        (tmp_path / "lora" / "adapter.pt").write_bytes(b"a finished run")
+    data = [] if case in ("missing", "empty", "short") else ["--data", tiny_text]
+    status, err = run_in_process([*FAST, "--out-dir", str(tmp_path), *data, *argv], capsys, monkeypatch)
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (status, err)
 
 
-def test_torchrun_two_processes_match_one_process(tmp_path, tiny_text):
+def test_train_command_line_mistakes_are_one_line_in_a_subprocess(tmp_path):
+    """The real command line: argparse's own errors, a GPU that is not there; one line, exit 2, no traceback, fast."""
+    for argv, expected in ((["--steps"], "--steps"), (["--no-such-flag"], "--no-such-flag"), (["--device", "cuda"], "--device cuda")):
+        t = time.perf_counter()
+        r = run_train(*argv, "--out-dir", str(tmp_path), cache=str(tmp_path / "cache"))
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], r.stderr
+        assert time.perf_counter() - t < 30  # torch's import dominates; no model is loaded
+    assert not (tmp_path / "cache").exists()
+
+
+def test_train_help_has_help_for_every_flag_and_no_doubled_defaults():
+    p = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--help"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0
+    text = " ".join(p.stdout.split())
+    assert "(default: None)" not in text and "(default: 300) (default: 300)" not in text and text.count("(default: 300)") == 1
+    for line in p.stdout.split("\n  -")[1:]:  # every option has words of help after its name
+        assert len(line.split()) > 1 + line.split()[0].count(","), line
+    assert {"--steps", "--seed", "--out-dir", "--eval-interval", "--overwrite", "--no-resume"} <= {w.strip(",[]") for w in text.split()}
+
+
+def test_train_failure_after_training_keeps_the_adapter(tmp_path, tiny_text, in_process, monkeypatch, capsys):
+    """Sampling fails after the last step: adapter.pt is saved first, no checkpoint is left to wedge the next run."""
+    monkeypatch.setattr(train, "sample", lambda *a: 1 / 0)
+    capsys.readouterr()
+    assert in_process(["--adapter", "lora", "--data", tiny_text, *FAST, "--out-dir", str(tmp_path)]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]  # the rest is the progress bar
+    assert len(err) == 1 and err[0].startswith("error: lora: the sample step failed") and "adapter.pt" in err[0], err
+    m = json.load(open(tmp_path / "lora" / "metrics.json"))
+    assert "ZeroDivisionError" in m["errors"]["sample"] and m["merge"]["passed"] and m["rank"]["mean"]
+    assert (tmp_path / "lora" / "adapter.pt").exists() and not (tmp_path / "lora" / "ckpt.pt").exists()
+    assert not (tmp_path / "lora" / "sample.txt").exists()
+
+
+def test_load_adapter_is_strict(tmp_path, tiny_text, in_process, monkeypatch):
+    """An adapter.pt that does not fit the model (another adapter, rank or model) is one error naming the mismatch."""
+    assert in_process(["--adapter", "lora", "--data", tiny_text, *FAST, "--out-dir", str(tmp_path)]) == 0
+    args = train.parse_args(["--adapter", "lora", *FAST])
+    train.base_skeleton(args)
+    good = torch.load(tmp_path / "lora" / "adapter.pt")
+    key = next(iter(good["state"]))
+    cases = {"missing": ({**good, "state": {k: v for k, v in good["state"].items() if k != key}}, f"the model has {key}"),
+             "unexpected": ({**good, "state": {**good["state"], "layers.0.x_proj.A": torch.zeros(1)}}, "the file has layers.0.x_proj.A"),
+             "shape": ({**good, "kwargs": {"r": 4}}, "in the file"),
+             "not an adapter": ({"model": {}}, "not an adapter.pt")}
+    for name, (ckpt, expected) in cases.items():
+        torch.save(ckpt, tmp_path / f"{name}.pt")
+        with pytest.raises(train.UserError, match=re.escape(expected)):
+            train.load_adapter(train.load_base(args), str(tmp_path / f"{name}.pt"))
+    # --rank-report on a file that is not an adapter: says so (no advice meant for checkpoints)
+    r = run_train("--rank-report", str(tmp_path / "not an adapter.pt"), "--out-dir", str(tmp_path), *FAST, cache=os.environ["NONLINEAR_LORA_CACHE"])
+    assert r.returncode == 2 and "not an adapter.pt" in r.stderr and "delete" not in r.stderr, r.stderr
+
+
+def test_torchrun_two_processes_match_one_process(tmp_path, tiny_text, train_cache):
     """DDP over gloo on the CPU: 2 processes x half the batch == 1 process x the whole batch."""
     common = ["--adapter", "lora", "--data", tiny_text, *FAST]
-    one = run_train(*common, "--out-dir", str(tmp_path / "one"))
+    one = run_train(*common, "--out-dir", str(tmp_path / "one"), cache=train_cache)
     assert one.returncode == 0, one.stderr[-2000:]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NONLINEAR_LORA_CACHE": train_cache}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(HERE, "train.py"),
                           *common, "--out-dir", str(tmp_path / "two")], capture_output=True, text=True, cwd=HERE, env=env, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -245,21 +452,25 @@ def test_rank_stats_against_numpy_on_known_matrices():
     np = pytest.importorskip("numpy")
     rng = np.random.default_rng(0)
     cases = {"rank3": rng.standard_normal((40, 3)) @ rng.standard_normal((3, 30)), "ones": np.ones((20, 30)), "eye": np.eye(25),
-             "tiny": 1e-4 * rng.standard_normal((10, 10))}
+             "tiny": 1e-4 * rng.standard_normal((10, 10)),
+             # above 144 x 144 a low-rank dW takes the sketch (exact when it captures dW), a dense one the full SVD
+             "rank5 sketched": rng.standard_normal((300, 5)) @ rng.standard_normal((5, 400)) * np.logspace(0, -3, 400),
+             "dense 300x400": rng.standard_normal((300, 400)) / 20}
     for name, M in cases.items():
         s = np.linalg.svd(M, compute_uv=False)
-        st = train.rank_stats(torch.tensor(M))
+        st = diagnostics.rank_stats(torch.tensor(M))  # float32 singular values, as on the model's device
         assert st["numerical_rank"] == int((s > 0.005).sum()), name
-        assert st["stable_rank"] == pytest.approx((s**2).sum() / s[0] ** 2, rel=1e-9), name
+        assert st["stable_rank"] == pytest.approx((s**2).sum() / s[0] ** 2, rel=1e-5), name
         assert st["energy"] == pytest.approx((M**2).sum(), rel=1e-9), name
-    assert train.rank_stats(torch.ones(20, 30))["stable_rank"] == pytest.approx(1.0)  # all-ones: rank one
-    assert train.rank_stats(torch.eye(25))["stable_rank"] == pytest.approx(25.0)
-    assert train.rank_stats(torch.tensor(cases["rank3"]))["numerical_rank"] == 3
-    assert train.rank_stats(torch.tensor(cases["tiny"]))["numerical_rank"] == 0  # all below the 0.005 threshold
+        np.testing.assert_allclose(st["spectrum"], s[:64], rtol=1e-4, atol=1e-6 * s[0])
+    assert diagnostics.rank_stats(torch.ones(20, 30))["stable_rank"] == pytest.approx(1.0)  # all-ones: rank one
+    assert diagnostics.rank_stats(torch.eye(25))["stable_rank"] == pytest.approx(25.0)
+    assert diagnostics.rank_stats(torch.tensor(cases["rank3"]))["numerical_rank"] == 3
+    assert diagnostics.rank_stats(torch.tensor(cases["tiny"]))["numerical_rank"] == 0  # all below the 0.005 threshold
 
 
-def test_adapter_all_compares_every_method(tmp_path, tiny_text):
-    r = run_train("--adapter", "all", "--data", tiny_text, "--out-dir", str(tmp_path), *FAST)
+def test_adapter_all_compares_every_method(tmp_path, tiny_text, train_cache):
+    r = run_train("--adapter", "all", "--data", tiny_text, "--out-dir", str(tmp_path), *FAST, cache=train_cache)
     assert r.returncode == 0, r.stderr[-3000:]
     cmp = json.load(open(tmp_path / "compare.json"))
     assert list(cmp["methods"]) == list(train.ADAPTERS)
@@ -274,10 +485,11 @@ def test_adapter_all_compares_every_method(tmp_path, tiny_text):
             assert 0 < m["rank"]["mean"]["stable_rank"] and len(m["rank"]["per_module"]) == n_modules
     assert (tmp_path / "compare.png").exists() or "pip install matplotlib" in r.stdout + r.stderr
 
-    rep = run_train("--rank-report", str(tmp_path / "genlora" / "adapter.pt"), "--data", tiny_text, "--out-dir", str(tmp_path), *FAST)
+    rep = run_train("--rank-report", str(tmp_path / "genlora" / "adapter.pt"), "--out-dir", str(tmp_path / "elsewhere"), *FAST, cache=train_cache)
     assert rep.returncode == 0, rep.stderr[-2000:]
     mean_line = [ln for ln in (rep.stdout + rep.stderr).splitlines() if ln.strip().startswith("mean")][0]
     assert float(mean_line.split()[2]) == pytest.approx(cmp["methods"]["genlora"]["rank"]["mean"]["stable_rank"], rel=1e-2)
+    assert "pretraining the built-in GPT" not in rep.stdout + rep.stderr  # the cached base, found from another --out-dir
 
 
 

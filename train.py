@@ -3,15 +3,18 @@
     python train.py --adapter genlora                  # built-in GPT, built-in data, no download
     python train.py --adapter lora --data notes/ --steps 1000
     python train.py --adapter ranlora --init-from ~/Llama-3.2-1B --data corpus.txt
+    python train.py --adapter all                      # every adapter, one table, compare.png
     torchrun --standalone --nproc_per_node=2 train.py --adapter lora    # data parallel
 
-With no --init-from, the base model is the built-in byte-level GPT, pretrained once on the
-Python standard library's own top-level modules (code) and cached under <out-dir>/base/.
-With no --data, it is fine-tuned on Python's language reference (pydoc_data.topics, prose).
-Both corpora ship with CPython, so the default run needs nothing but this repository.
+With no --init-from the base is the built-in byte-level GPT, pretrained once on the Python standard library's
+code and cached in ~/.cache/nonlinear-lora/; with no --data it is fine-tuned on Python's language reference.
+The file reads in the order it runs: command line -> prepare (every cheap check, then the base and the data,
+once) -> wrap (a fresh copy of the base per adapter) -> train (one loop, which also pretrains the built-in
+GPT) -> finish (save first, then sample, rank diagnostics, merge check) -> compare.
 """
 import argparse
 import contextlib
+import copy
 import glob
 import hashlib
 import importlib
@@ -19,36 +22,52 @@ import inspect
 import json
 import math
 import os
+import signal
 import sys
 import sysconfig
+import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from nanogpt_model import GPT, ByteTokenizer, GPTConfig, generate
+import data
+import diagnostics
+from nanogpt_model import GPT, LLaMA, ByteTokenizer, GPTConfig, LLaMAConfig, generate, load_llama, load_tokenizer
 
-# The adapter registry: name -> (file, class, default targets, default lr). One line per adapter file.
-# Targets follow each paper where the model has those projections (the built-in GPT has no gate_proj).
+
+@dataclass(frozen=True)
+class Adapter:  # one adapter file: its class, and train.py's defaults for it (add a field here for a new per-method default)
+    file: str
+    cls: str
+    targets: str  # from its paper, where the model has those projections (the built-in GPT has no gate_proj)
+    lr: float  # chosen so that the default run is stable
+
+
 ADAPTERS = {
-    "lora": ("lora", "LoRALinear", "q,k,v,o,gate,up,down", 1e-3),
-    "genlora": ("genlora", "GenLoRALinear", "q,k,v", 5e-3),  # the paper's commonsense lr
-    "lrlora": ("lrlora", "LRLoRALinear", "q,k,v,o,gate,up,down", 1e-3),
-    "aurora": ("aurora", "AuroRALinear", "q,k,v,up,down", 1e-2),  # the paper: 5e-3 to 1.5e-2 for small models
-    "ranlora": ("ranlora", "RanLoRALinear", "q,k,v,up,down", 3e-3),
+    "lora": Adapter("lora", "LoRALinear", "q,k,v,o,gate,up,down", 1e-3),
+    "genlora": Adapter("genlora", "GenLoRALinear", "q,k,v", 5e-3),  # the paper's commonsense lr
+    "lrlora": Adapter("lrlora", "LRLoRALinear", "q,k,v,o,gate,up,down", 1e-3),  # 1e-2 diverges: see the README
+    "aurora": Adapter("aurora", "AuroRALinear", "q,k,v,up,down", 1e-2),  # the paper: 5e-3 to 1.5e-2 for small models
+    "ranlora": Adapter("ranlora", "RanLoRALinear", "q,k,v,up,down", 3e-3),
 }
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # --targets names; module names are <t>_proj
-# CLI flag -> adapter constructor keyword, used when the adapter's __init__ takes that keyword
+# command-line dest -> adapter constructor keyword, passed when the adapter's __init__ takes it
 ADAPTER_KWARGS = ("r", "alpha", "dropout", "groups", "num_centers", "grid_size", "grid_range", "mode", "fixed", "learnable", "activation")
+WARMUP, GRAD_CLIP = 20, 1.0  # the training loop's linear warm-up steps and gradient-norm clip
 RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 DISTRIBUTED = "LOCAL_RANK" in os.environ  # started by torchrun (even with one process: DDP all the same)
 
 
-class UserError(Exception):
-    """A mistake in the command line or the input files: reported in one line, no traceback."""
+class UserError(Exception):  # a mistake in the command line or the input files: one line, no traceback, exit 2
+    pass
+
+
+class Interrupted(Exception):  # Ctrl-C or SIGTERM: the run stopped at a step boundary, its checkpoint saved; exit 130
+    pass
 
 
 def log(*a):
@@ -57,86 +76,330 @@ def log(*a):
 
 
 # ----------------------------------------------------------------------------------------------
-# data
+# command line
 
 
-def stdlib_code():
-    """The top-level *.py modules of the running Python's standard library (about 4.7 MB)."""
-    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
-    return "\n\n".join(open(f, encoding="utf-8", errors="replace").read() for f in files)
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one `error:` line and exit 2, like every other user mistake (not usage + error)
+        raise UserError(message)
 
 
-def pydoc_topics():
-    """Python's language reference as plain prose (about 0.46 MB)."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))
-
-
-def read_texts(specs):
-    """Text from files, folders (recursively) and globs; one clear error for anything missing or empty."""
-    files = []
-    for spec in specs:
-        if os.path.isdir(spec):
-            found = sorted(p for p in glob.glob(os.path.join(spec, "**", "*"), recursive=True) if os.path.isfile(p))
-        elif os.path.isfile(spec):
-            found = [spec]
-        else:
-            found = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
-        if not found:
-            raise UserError(f"--data {spec}: no such file, folder or matching glob")
-        files += found
-    texts, skipped = [], 0
-    for f in files:
-        raw = open(f, "rb").read()
-        try:
-            texts.append(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            skipped += 1  # a folder may hold images or binaries: only text files are data
-    text = "\n\n".join(t for t in texts if t)
-    if not text.strip():
-        raise UserError(f"--data {' '.join(specs)}: no text found ({len(files)} file(s), {skipped} not UTF-8 text)")
-    if skipped:
-        log(f"data: skipped {skipped} file(s) that are not UTF-8 text")
-    return text
-
-
-def split_tokens(ids, block_size, what):
-    """90% train / 10% validation; each split must hold at least one block plus its target."""
-    data = torch.tensor(ids, dtype=torch.long)
-    n = int(0.9 * len(data))
-    if min(n, len(data) - n) < block_size + 1:
-        need = math.ceil((block_size + 1) / 0.1)
-        raise UserError(f"{what}: {len(data)} tokens is too short for block size {block_size} (need at least {need} tokens, or a smaller --block-size)")
-    return data[:n], data[n:]
-
-
-def windows(data, ix, block_size):
-    """The block_size-token windows starting at ix, and the same shifted by one: inputs and targets."""
-    return torch.stack([data[i : i + block_size] for i in ix]), torch.stack([data[i + 1 : i + 1 + block_size] for i in ix])
-
-
-def get_batch(data, batch_size, block_size, gen):
-    """batch_size random windows; every rank draws the same global batch and keeps its own slice."""
-    ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=gen)
-    return windows(data, ix.chunk(WORLD)[RANK] if WORLD > 1 else ix, block_size)
-
-
-def eval_batches(data, args):
-    """A fixed set of validation batches, so before, after, merged and unmerged see the same tokens."""
-    gen = torch.Generator().manual_seed(1234)
-    ix = torch.randint(len(data) - args.block_size - 1, (args.eval_iters, args.batch_size), generator=gen)
-    return [windows(data, row, args.block_size) for row in ix]
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--adapter", default="genlora", help=f"one of {', '.join(ADAPTERS)}; a comma list or 'all' trains each and compares them (default: %(default)s)")
+    p.add_argument("--data", nargs="+", help="text files, folders or globs to fine-tune on (default: Python's pydoc topics)")
+    p.add_argument("--init-from", help="a LLaMA checkpoint directory, HF or Meta layout (default: the built-in GPT)")
+    p.add_argument("--targets", help=f"comma-separated subset of {','.join(TARGETS)} (default: the adapter's paper)")
+    p.add_argument("--rank", dest="r", type=int, help="adapter rank (default: the adapter's)")
+    p.add_argument("--alpha", type=float, help="scale = alpha / rank (default: the adapter's)")
+    p.add_argument("--dropout", type=float, help="dropout on the adapter input (default: the adapter's)")
+    m = p.add_argument_group("method-specific (default: the adapter's)")
+    m.add_argument("--groups", type=int, help="GenLoRA: groups per latent")
+    m.add_argument("--num-centers", type=int, help="GenLoRA: RBF centers per generator")
+    m.add_argument("--grid-size", type=int, help="LR-LoRA: sinc basis functions")
+    m.add_argument("--grid-range", type=float, help="LR-LoRA: the sinc grid spans [-range, range]")
+    m.add_argument("--mode", choices=["dynamic", "static"], help="AuroRA: dynamic (paper default) or static (AuroRA-S)")
+    m.add_argument("--no-fixed", dest="fixed", action="store_const", const=False, help="AuroRA ablation: drop the fixed nonlinearity")
+    m.add_argument("--no-learnable", dest="learnable", action="store_const", const=False, help="AuroRA ablation: drop the learnable spline")
+    m.add_argument("--activation", choices=["gelu", "relu", "tanh", "identity"], help="RanLoRA: nonlinearity on A x")
+    p.add_argument("--steps", type=int, default=300, help="training steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, help="global batch, split across torchrun processes (default: 32 on the built-in GPT, 8 on LLaMA)")
+    p.add_argument("--block-size", type=int, help="tokens per sequence (default: 128 on the built-in GPT, its fixed context; 256 on LLaMA)")
+    p.add_argument("--lr", type=float, help="peak learning rate, 0 allowed (default: the adapter's in train.ADAPTERS)")
+    p.add_argument("--eval-interval", type=int, help="evaluate and checkpoint every N steps (default: steps/20, at least 1)")
+    p.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation (default: %(default)s)")
+    p.add_argument("--base-steps", type=int, default=600, help="pretraining steps of the built-in GPT, done once and cached (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto, a GPU if there is one)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="autocast dtype (default: auto, bfloat16 on a GPU that has it, else float32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the adapter init and of the batches (default: %(default)s)")
+    p.add_argument("--out-dir", default="out", help="results go to OUT_DIR/<adapter>/ (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in OUT_DIR/<adapter>/ (without it, the run refuses)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if OUT_DIR/<adapter>/ holds an interrupted run")
+    p.add_argument("--prompt", default="The ", help="start of the generated sample (default: %(default)r)")
+    p.add_argument("--sample-tokens", type=int, default=200, help="length of the generated sample (default: %(default)s)")
+    p.add_argument("--rank-report", metavar="ADAPTER_PT", help="print the rank diagnostics of a saved adapter.pt and exit")
+    args = p.parse_args(argv)
+    args.names = list(ADAPTERS) if args.adapter == "all" else [n.strip() for n in args.adapter.split(",") if n.strip()]
+    for n in args.names or [args.adapter]:
+        if n not in ADAPTERS:
+            raise UserError(f"--adapter {n}: unknown adapter (choose from {', '.join(ADAPTERS)}, or all)")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    kind, _, index = args.device.partition(":")
+    available = {"cpu": not index, "mps": not index and torch.backends.mps.is_available(),
+                 "cuda": torch.cuda.is_available() and (not index or index.isdigit() and int(index) < torch.cuda.device_count())}
+    if not available.get(kind):
+        raise UserError(f"--device {args.device}: not available here (torch {torch.__version__} sees {torch.cuda.device_count()} CUDA GPUs; "
+                        f"MPS {'yes' if torch.backends.mps.is_available() else 'no'})")
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if args.device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+    args.block_size = args.block_size or (256 if args.init_from else 128)
+    args.batch_size = args.batch_size or (8 if args.init_from else 32)
+    args.eval_interval = args.eval_interval or max(1, args.steps // 20)
+    for k in ("steps", "batch_size", "block_size", "eval_interval", "eval_iters", "base_steps", "sample_tokens"):
+        if getattr(args, k) < 1:
+            raise UserError(f"--{k.replace('_', '-')} {getattr(args, k)}: must be at least 1")
+    if args.lr is not None and not args.lr >= 0:
+        raise UserError(f"--lr {args.lr:g}: must be 0 or more")
+    if args.batch_size % WORLD:
+        raise UserError(f"--batch-size {args.batch_size}: must divide evenly across {WORLD} processes")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
-# models
+# prepare: every check that is cheap, before the work that is not; then the base and the data, once
+
+
+@dataclass
+class Job:  # one adapter's run, resolved before any expensive work
+    name: str
+    targets: list
+    kwargs: dict
+    lr: float
+    out: str  # <out-dir>/<name>
+    signature: dict  # what must match for an interrupted run to resume
+    resume: bool = False  # out/<name>/ holds an interrupted run with this signature
+
+
+def prepare(args):
+    """Check everything that can be checked from the command line, the files and the model's config alone
+    (no weights, no pretraining), then load the base and tokenize the data once for every adapter."""
+    skeleton, base_desc = base_skeleton(args)
+    if args.block_size > skeleton.max_seq_len:
+        what = "the built-in GPT's context is fixed at" if args.init_from is None else "the model's context is"
+        raise UserError(f"--block-size {args.block_size}: {what} {skeleton.max_seq_len} tokens")
+    jobs = []
+    for name in args.names:
+        targets, kwargs = parse_targets(ADAPTERS[name].targets if args.targets is None else args.targets), adapter_kwargs(name, args)
+        inject(copy.deepcopy(skeleton), name, targets, kwargs, quiet=True)  # on the meta device: bad ranks, groups, targets
+        lr = ADAPTERS[name].lr if args.lr is None else args.lr
+        signature = {"adapter": name, "targets": targets, "kwargs": kwargs, "lr": lr, "steps": args.steps, "batch_size": args.batch_size,
+                     "block_size": args.block_size, "seed": args.seed, "data": args.data, "base": base_desc, "world": WORLD}
+        jobs.append(Job(name, targets, kwargs, lr, os.path.join(args.out_dir, name), signature))
+        ckpt, done = os.path.join(jobs[-1].out, "ckpt.pt"), os.path.join(jobs[-1].out, "adapter.pt")
+        if os.path.exists(ckpt) and not args.no_resume:  # never overwrite a result silently: resume it, or ask
+            saved = load_checkpoint(ckpt, "checkpoint (pass --no-resume to start over)").get("signature")
+            if saved != signature:
+                diff = ", ".join(sorted(k for k in signature if saved.get(k) != signature[k]))
+                raise UserError(f"{ckpt} holds an interrupted run with other settings ({diff}): repeat its command, pass --no-resume to start over, or use another --out-dir")
+            jobs[-1].resume = True
+        elif os.path.exists(done) and not args.overwrite:
+            raise UserError(f"{done} holds a finished run: pass --overwrite to replace it, or choose another --out-dir")
+    try:
+        tok = load_tokenizer(args.init_from) if args.init_from else ByteTokenizer()
+    except (OSError, ValueError) as e:
+        raise UserError(f"--init-from {args.init_from}: {e}")
+    if not tok.encode(args.prompt, bos=True):
+        raise UserError(f"--prompt {args.prompt!r}: must give at least one token")
+    try:
+        text, skipped = data.read_texts(args.data) if args.data else (data.pydoc_topics(), 0)
+        train_data, val_data = data.split_tokens(tok.encode(text), args.block_size, "--data" if args.data else "pydoc topics")
+    except ValueError as e:
+        raise UserError(e)
+    if skipped:
+        log(f"data: skipped {skipped} file(s) that are not UTF-8 text")
+    base = load_base(args)
+    base.requires_grad_(False)
+    val_batches = data.eval_batches(val_data, args.eval_iters, args.batch_size, args.block_size)
+    val_before = evaluate(base, val_batches, args) if RANK == 0 else None
+    if DISTRIBUTED:
+        torch.distributed.barrier()  # every process has decided whether to resume before rank 0 replaces a checkpoint
+    return base, base_desc, tok, train_data, val_batches, val_before, jobs
+
+
+def base_skeleton(args):
+    """The base model built from its config alone, with no weights loaded (a LLaMA on the meta device): its shapes, for the checks."""
+    if args.init_from is None:
+        cfg = GPTConfig()
+        key = hashlib.sha1(json.dumps([asdict(cfg), args.base_steps, sys.version_info[:2]]).encode()).hexdigest()[:10]
+        cache = os.environ.get("NONLINEAR_LORA_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nonlinear-lora")
+        args.base_path = os.path.join(cache, f"gpt-{key}.pt")  # once per config for every run, whatever --out-dir
+        return GPT(cfg), f"built-in GPT ({args.base_path})"  # on the CPU: 0.84M parameters build in ms (meta costs 2 s of imports)
+    hf, metas = os.path.join(args.init_from, "config.json"), [os.path.join(args.init_from, *p, "params.json") for p in ((), ("original",))]
+    try:
+        if not os.path.isfile(hf) and not any(map(os.path.isfile, metas)):
+            raise ValueError("not a directory with config.json (HF) or params.json (Meta)")
+        cfg = (LLaMAConfig.from_hf(json.load(open(hf))) if os.path.isfile(hf) else  # the vocabulary shapes no target:
+               LLaMAConfig.from_meta(json.load(open(next(filter(os.path.isfile, metas)))), vocab_size=1))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--init-from {args.init_from}: {e}")
+    with torch.device("meta"):
+        return LLaMA(cfg), f"LLaMA ({args.init_from})"
+
+
+def load_checkpoint(path, what):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt or not a checkpoint at all
+        raise UserError(f"{path}: not a readable {what} ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+
+
+def load_base(args):
+    """The frozen model to adapt: a LLaMA checkpoint, or the built-in GPT (pretrained once, then cached)."""
+    try:
+        if args.init_from is not None:
+            return load_llama(args.init_from, device=args.device, dtype=getattr(torch, args.dtype))
+    except (ValueError, OSError) as e:
+        raise UserError(f"--init-from {args.init_from}: {e}")
+    if not os.path.exists(args.base_path) and RANK == 0:
+        pretrain_gpt(args)
+    if DISTRIBUTED:
+        torch.distributed.barrier()  # the other processes wait for rank 0's cache
+    ckpt = load_checkpoint(args.base_path, "cached base model; delete it to pretrain again")
+    model = GPT(GPTConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(args.device)
+
+
+def pretrain_gpt(args):
+    """The built-in GPT, pretrained on the stdlib's code with the fine-tuning loop itself, so it resumes alike."""
+    cfg = GPTConfig()
+    torch.manual_seed(1337)  # the same base for every --seed: it is cached once per config
+    model = GPT(cfg).to(args.device)
+    train_data, val_data = data.split_tokens(list(data.stdlib_code().encode("utf-8")), cfg.block_size, "stdlib corpus")
+    val = data.eval_batches(val_data, 5, 32, cfg.block_size)
+    loop = Loop(steps=args.base_steps, lr=2e-3, batch_size=32, block_size=cfg.block_size, seed=1337, eval_interval=100)
+    opt = torch.optim.AdamW(model.parameters(), lr=loop.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    log(f"pretraining the built-in GPT ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) once on the stdlib's code: "
+        f"{args.base_steps} steps, about {args.base_steps * 0.15 / 60:.1f} min on a 2-core CPU; Ctrl-C keeps its progress; cached at {args.base_path}")
+    ckpt = args.base_path + ".ckpt"
+    train(model, opt, train_data, val, loop, args, ckpt, {"base": args.base_path}, "pretrain", os.path.exists(ckpt), world=1, rank=0)
+    atomic_save({"config": asdict(cfg), "model": model.state_dict()}, args.base_path)
+    os.remove(args.base_path + ".ckpt")
+
+
+# ----------------------------------------------------------------------------------------------
+# wrap: adapters into a fresh copy of the base
+
+
+def adapter_class(name):
+    return getattr(importlib.import_module(ADAPTERS[name].file), ADAPTERS[name].cls)
+
+
+def adapter_kwargs(name, args):
+    """Constructor keywords from the flags the user gave; a flag the adapter does not take is an error
+    (when comparing several adapters, a method's flag applies to its own method only)."""
+    params = inspect.signature(adapter_class(name).__init__).parameters
+    given = [k for k in ADAPTER_KWARGS if getattr(args, k, None) is not None]
+    for k in given if len(args.names) == 1 else []:
+        if k not in params:
+            raise UserError(f"--{'rank' if k == 'r' else k.replace('_', '-')} does not apply to --adapter {name}")
+    return {k: getattr(args, k) for k in given if k in params}
+
+
+def parse_targets(spec):
+    targets = [t.strip() for t in spec.split(",") if t.strip()]
+    bad = [t for t in targets if t not in TARGETS]
+    if bad or not targets:
+        raise UserError(f"--targets {spec!r}: {'unknown target ' + ', '.join(bad) if bad else 'no target'} (choose from {','.join(TARGETS)})")
+    return targets
+
+
+def inject(model, name, targets, kwargs, quiet=False):
+    """Wrap every nn.Linear named <target>_proj in the adapter; the one place adapters enter a model."""
+    cls, wanted, wrapped = adapter_class(name), {f"{t}_proj" for t in targets}, {}
+    r = kwargs.get("r", inspect.signature(cls.__init__).parameters["r"].default)
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if child_name in wanted and isinstance(child, nn.Linear):
+                where = f"--adapter {name} on {parent_name}.{child_name} ({child.out_features}x{child.in_features})"
+                if isinstance(r, int) and r > min(child.in_features, child.out_features):  # rank(B A) <= min(in, out) anyway
+                    raise UserError(f"{where}: r={r} exceeds min(in, out) = {min(child.in_features, child.out_features)}: a higher rank adds no rank, only cost")
+                try:
+                    adapter = cls(child, **kwargs)
+                except ValueError as e:
+                    raise UserError(f"{where}: {e}")
+                setattr(parent, child_name, adapter)
+                wrapped[f"{parent_name}.{child_name}"] = adapter
+    if not wrapped:
+        raise UserError(f"--targets {','.join(targets)}: no module of this model matches")
+    missing = [t for t in targets if not any(k.endswith(f".{t}_proj") for k in wrapped)]
+    if missing and not quiet:
+        log(f"note: this model has no {', '.join(t + '_proj' for t in missing)}")
+    return wrapped
+
+
+def adapter_state(adapters, keep_vars=False):
+    """Adapter weights only: each adapter's state minus its frozen base layer."""
+    return {f"{n}.{k}": v if keep_vars else v.detach().cpu() for n, a in adapters.items() for k, v in a.state_dict(keep_vars=True).items() if not k.startswith("base.")}
+
+
+def load_strict(live, saved, path):
+    """Copy saved tensors into the model's own (name -> tensor); a missing, unexpected or mis-shaped name is an error naming it."""
+    missing, unexpected = sorted(live.keys() - saved.keys()), sorted(saved.keys() - live.keys())
+    if missing or unexpected:
+        which = f"the model has {missing[0]}, the file does not" if missing else f"the file has {unexpected[0]}, the model does not"
+        raise UserError(f"{path}: does not match the model: {which} ({len(missing)} missing, {len(unexpected)} unexpected)")
+    for k, t in live.items():
+        if saved[k].shape != t.shape:
+            raise UserError(f"{path}: does not match the model: {k} is {tuple(saved[k].shape)} in the file, {tuple(t.shape)} in the model")
+    with torch.no_grad():
+        for k, t in live.items():
+            t.copy_(saved[k])
+
+
+def load_adapter(model, path):
+    """Wrap a base model as recorded in adapter.pt and load the saved weights onto it, strictly."""
+    ckpt = load_checkpoint(path, "adapter file")
+    if not (isinstance(ckpt, dict) and {"adapter", "targets", "kwargs", "state"} <= ckpt.keys() and ckpt["adapter"] in ADAPTERS):
+        raise UserError(f"{path}: not an adapter.pt written by train.py")
+    adapters = inject(model, ckpt["adapter"], ckpt["targets"], ckpt["kwargs"])
+    load_strict(adapter_state(adapters, keep_vars=True), ckpt["state"], path)
+    return adapters, ckpt
+
+
+def wrap(base, job, args, several, val_batches):
+    """A fresh copy of the base (when comparing) with the adapter in; what the wrapping itself changed and cost."""
+    model = copy.deepcopy(base) if several else base
+    model.eval()
+    x = val_batches[0][0][:4].to(args.device)
+    with torch.no_grad(), autocast(args):
+        ref_logits = model(x).float()
+    torch.manual_seed(args.seed)
+    sync(args.device)
+    t = time.perf_counter()
+    adapters = inject(model, job.name, job.targets, job.kwargs)
+    sync(args.device)
+    info = {"init_seconds": time.perf_counter() - t}  # the adapters' own init: RanLoRA's decompositions dominate it
+    with torch.no_grad(), autocast(args):
+        info["init_gap_max_abs_logit_diff"] = (model(x).float() - ref_logits).abs().max().item()
+    return model, adapters, info
+
+
+# ----------------------------------------------------------------------------------------------
+# train: one loop for fine-tuning and for pretraining the built-in GPT
+
+
+@dataclass
+class Loop:
+    steps: int
+    lr: float
+    batch_size: int
+    block_size: int
+    seed: int
+    eval_interval: int
+    compile: bool = False
+
+
+@dataclass
+class TrainState:
+    """A run's progress; with the weights and the optimizer's state it is all a checkpoint holds (batches are a function of the step)."""
+    step: int = 0  # steps completed
+    curve: list = field(default_factory=list)  # {"step", "train_loss", "val_loss"} at every evaluation
+    train_s: float = 0.0  # time in training steps, without each process's first step (warm-up) unless it is the only one
+    tokens: int = 0  # tokens of the timed steps, all processes
 
 
 def autocast(args):
     if args.dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=args.device.split(":")[0], dtype=getattr(torch, args.dtype))
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 @torch.no_grad()
@@ -152,553 +415,252 @@ def evaluate(model, batches, args):
     return sum(losses) / len(losses)
 
 
-def atomic_save(obj, path):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint (.json: as JSON)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    if path.endswith(".json"):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, corrupt or not a checkpoint at all
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]}); delete it or choose another --out-dir")
-
-
-def pretrained_gpt(args):
-    """The built-in GPT, pretrained on the stdlib's code once and cached (a few minutes on a laptop CPU)."""
-    cfg = GPTConfig(block_size=max(128, args.block_size))
-    key = hashlib.sha1(json.dumps([asdict(cfg), args.base_steps, args.seed, sys.version_info[:2]]).encode()).hexdigest()[:10]
-    path = os.path.join(args.out_dir, "base", f"gpt-{key}.pt")
-    if not os.path.exists(path) and RANK == 0:
-        pretrain_gpt(cfg, path, args)
-    if DISTRIBUTED:
-        torch.distributed.barrier()  # other ranks wait for rank 0's cache
-    ckpt = load_checkpoint(path)
-    model = GPT(GPTConfig(**ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(args.device), ByteTokenizer(), f"built-in GPT ({path})"
-
-
-def pretrain_gpt(cfg, path, args):
-    torch.manual_seed(args.seed)
-    model = GPT(cfg).to(args.device)
-    train, val = split_tokens(list(stdlib_code().encode("utf-8")), cfg.block_size, "stdlib corpus")
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    gen = torch.Generator().manual_seed(args.seed)
-    log(f"pretraining the built-in GPT ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on the stdlib's code, {args.base_steps} steps; cached at {path}")
-    bar = tqdm(range(args.base_steps), desc="pretrain", dynamic_ncols=True)
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = 2e-3 * lr_factor(step, args.base_steps)
-        ix = torch.randint(len(train) - cfg.block_size - 1, (32,), generator=gen)
-        x, y = (t.to(args.device) for t in windows(train, ix, cfg.block_size))
-        with autocast(args):
-            loss = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    atomic_save({"config": asdict(cfg), "model": model.state_dict()}, path)
-
-
-def lr_factor(step, steps, warmup=20):
+def lr_factor(step, steps, warmup=WARMUP):
     """Linear warm-up, then cosine decay to 10% of the peak."""
     if step < warmup:
         return (step + 1) / warmup
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
 
 
-def load_base(args):
-    """The frozen model to adapt and its tokenizer."""
-    if args.init_from is None:
-        return pretrained_gpt(args)
-    from nanogpt_model import load_llama, load_tokenizer
-
-    if not os.path.isdir(args.init_from):
-        raise UserError(f"--init-from {args.init_from}: not a directory")
-    try:
-        model = load_llama(args.init_from, device=args.device, dtype=getattr(torch, args.dtype))
-        tok = load_tokenizer(args.init_from)
-    except (ValueError, FileNotFoundError) as e:
-        raise UserError(f"--init-from {args.init_from}: {e}")
-    return model, tok, f"LLaMA ({args.init_from})"
-
-
-# ----------------------------------------------------------------------------------------------
-# adapters
-
-
-def adapter_class(name):
-    if name not in ADAPTERS:
-        raise UserError(f"--adapter {name}: unknown adapter (choose from {', '.join(ADAPTERS)})")
-    file, cls, _, _ = ADAPTERS[name]
-    return getattr(importlib.import_module(file), cls)
-
-
-def adapter_kwargs(name, args, strict=True):
-    """Constructor keywords from the flags the user gave; a flag the adapter does not take is an error
-    (when comparing several adapters, strict=False: a method flag applies to its own method only)."""
-    params = inspect.signature(adapter_class(name).__init__).parameters
-    kwargs = {}
-    for k in ADAPTER_KWARGS:
-        v = getattr(args, k, None)
-        if v is None:
-            continue
-        if k not in params:
-            if not strict:
-                continue
-            raise UserError(f"--{k.replace('_', '-')} does not apply to --adapter {name}")
-        kwargs[k] = v
-    return kwargs
-
-
-def parse_targets(spec):
-    targets = [t.strip() for t in spec.split(",") if t.strip()]
-    bad = [t for t in targets if t not in TARGETS]
-    if bad or not targets:
-        raise UserError(f"--targets {spec}: unknown target {', '.join(bad) or '(empty)'} (choose from {','.join(TARGETS)})")
-    return targets
-
-
-def inject(model, name, targets, kwargs):
-    """Wrap every nn.Linear named <target>_proj in the adapter; the one place adapters enter a model."""
-    cls, wanted, wrapped = adapter_class(name), {f"{t}_proj" for t in targets}, {}
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            if child_name in wanted and isinstance(child, nn.Linear):
-                try:
-                    adapter = cls(child, **kwargs)
-                except ValueError as e:
-                    raise UserError(f"--adapter {name} on {parent_name}.{child_name} ({child.out_features}x{child.in_features}): {e}")
-                setattr(parent, child_name, adapter)
-                wrapped[f"{parent_name}.{child_name}"] = adapter
-    if not wrapped:
-        raise UserError(f"--targets {','.join(targets)}: no module of this model matches")
-    missing = [t for t in targets if not any(k.endswith(f".{t}_proj") for k in wrapped)]
-    if missing:
-        log(f"note: this model has no {', '.join(t + '_proj' for t in missing)}")
-    return wrapped
-
-
-def adapter_state(adapters):
-    """Adapter weights only: each adapter's state minus its frozen base layer."""
-    return {f"{n}.{k}": v.detach().cpu() for n, a in adapters.items() for k, v in a.state_dict().items() if not k.startswith("base.")}
-
-
-def load_adapter(model, path):
-    """Wrap a fresh base model as recorded in adapter.pt and load the saved weights onto it."""
-    ckpt = load_checkpoint(path)
-    adapters = inject(model, ckpt["adapter"], ckpt["targets"], ckpt["kwargs"])
-    state = ckpt["state"]
-    for n, a in adapters.items():
-        own = {k[len(n) + 1 :]: v for k, v in state.items() if k.startswith(n + ".")}
-        a.load_state_dict(own, strict=False)  # strict=False: base.* is the model's own, not in the file
-    return adapters, ckpt
+def atomic_save(obj, path):
+    """Write to a temporary file, then rename: a crash never leaves a half-written file (.json as JSON, .txt as text)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    if path.endswith((".json", ".txt")):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1) if path.endswith(".json") else f.write(obj)
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
-def swapped(model, adapters, replacements):
-    """Temporarily put replacements[name] where each adapter sits, e.g. its merged Linear or its base."""
-    def put(name, module):
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, module)
+def stop_on_signal():
+    """Ctrl-C (or SIGTERM, from torchrun or a scheduler) asks the loop to stop at the next step boundary, so a
+    checkpoint holds exactly the steps completed, wherever in a step the signal came. A second Ctrl-C stops at once."""
+    flag = argparse.Namespace(set=False)
 
-    for n, a in adapters.items():
-        put(n, replacements[n])
+    def handle(signum, frame):
+        if flag.set:
+            raise KeyboardInterrupt
+        flag.set = True
+        log("stopping after this step (Ctrl-C again to stop at once)")
+
+    old = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)} if threading.current_thread() is threading.main_thread() else {}
     try:
-        yield
+        yield flag
     finally:
-        for n, a in adapters.items():
-            put(n, a)
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
-# ----------------------------------------------------------------------------------------------
-# the merge check
-
-
-@torch.no_grad()
-def tokens_per_s(model, x, reps=3):
-    model(x)  # warm-up
-    t = time.perf_counter()
-    for _ in range(reps):
-        model(x)
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    return reps * x.numel() / (time.perf_counter() - t)
-
-
-@torch.no_grad()
-def merge_check(model, adapters, batches, args):
-    """Merged vs unmerged, eval mode, float32, on the held-out batches.
-
-    Exact methods must agree to 1e-4 relative on the logits; approximate ones report their gap;
-    a method with no weight-space form says why and what keeping the adapter costs at inference.
-    """
-    model.float().eval()  # training is over: compare in float32
-    fp32 = argparse.Namespace(**{**vars(args), "dtype": "float32"})
-    x = batches[0][0].to(args.device)
-    val_unmerged = evaluate(model, batches, fp32)
-    exact = all(a.exact_merge for a in adapters.values())
-    try:
-        merged = {n: a.merged() for n, a in adapters.items()}
-    except NotImplementedError as e:
-        with_adapter = tokens_per_s(model, x)
-        with swapped(model, adapters, {n: a.base for n, a in adapters.items()}):
-            without = tokens_per_s(model, x)
-        return {"exact": False, "max_abs_logit_diff": None, "relative_diff": None, "val_loss_unmerged": val_unmerged,
-                "val_loss_merged": None, "reason": str(e), "inference_tokens_per_s": {"with_adapter": with_adapter, "base_layers_only": without}}
-    unmerged_logits = model(x)
-    with swapped(model, adapters, merged):
-        diff = (model(x) - unmerged_logits).abs().max().item()
-        val_merged = evaluate(model, batches, fp32)
-    rel = diff / unmerged_logits.abs().max().item()
-    reason = None if exact else "approximate: merged() is the method's static inference form, not its training-time forward"
-    return {"exact": exact, "max_abs_logit_diff": diff, "relative_diff": rel, "val_loss_unmerged": val_unmerged,
-            "val_loss_merged": val_merged, "reason": reason, "passed": (rel <= 1e-4) if exact else None}
-
-
-def report_merge(m):
-    if m["max_abs_logit_diff"] is None:
-        log(f"merge: none. {m['reason']}")
-        t = m["inference_tokens_per_s"]
-        log(f"  the adapter stays at inference: {t['with_adapter']:,.0f} tokens/s with it vs {t['base_layers_only']:,.0f} without ({t['base_layers_only'] / t['with_adapter']:.2f}x)")
-        return
-    kind = "exact" if m["exact"] else "approximate (the paper's static inference form)"
-    log(f"merge ({kind}): max |dlogits| = {m['max_abs_logit_diff']:.3g} (relative {m['relative_diff']:.2g}), "
-        f"val loss unmerged {m['val_loss_unmerged']:.4f} vs merged {m['val_loss_merged']:.4f}")
-
-
-# ----------------------------------------------------------------------------------------------
-# rank diagnostics: what the papers' rank claims are about
-
-
-def rank_stats(dw, threshold=0.005):
-    """Numerical rank (singular values above 0.005, GenLoRA's Fig. 4), stable rank ||dW||_F^2 / ||dW||_2^2
-    (LR-LoRA's Eq. 5) and energy sum(sigma^2) (GenLoRA's Table 9) of one update, from a float64 SVD."""
-    s = torch.linalg.svdvals(dw.detach().double().cpu())
-    energy = (s**2).sum().item()
-    return {"numerical_rank": int((s > threshold).sum()), "stable_rank": energy / s[0].item() ** 2 if s[0] > 0 else 0.0,
-            "energy": energy, "spectrum": s[:64].tolist()}
-
-
-def rank_report(adapters):
-    """Per-module diagnostics and their means; a method with no weight-space dW says why instead."""
-    per_module = {}
-    for n, a in adapters.items():
-        try:
-            with torch.no_grad():
-                per_module[n] = rank_stats(a.delta_weight())
-        except NotImplementedError as e:
-            return {"per_module": None, "mean": None, "reason": str(e)}
-    mean = {k: sum(m[k] for m in per_module.values()) / len(per_module) for k in ("numerical_rank", "stable_rank", "energy")}
-    return {"per_module": per_module, "mean": mean, "reason": None}
-
-
-# ----------------------------------------------------------------------------------------------
-# one fine-tuning run
-
-
-def run(args, name):
-    """Fine-tune one adapter on args.data and return its metrics (also written to <out-dir>/<name>/)."""
-    out = os.path.join(args.out_dir, name)
-    ckpt_path, t_start = os.path.join(out, "ckpt.pt"), time.time()
-    targets, kwargs = parse_targets(args.targets or ADAPTERS[name][2]), adapter_kwargs(name, args, strict=not args.comparing)
-    lr = args.lr or ADAPTERS[name][3]
-    model, tok, base_desc = load_base(args)
-    model.requires_grad_(False)
-    if args.block_size > model.max_seq_len:
-        raise UserError(f"--block-size {args.block_size}: the model's context is {model.max_seq_len} tokens")
-    text = read_texts(args.data) if args.data else pydoc_topics()
-    train_data, val_data = split_tokens(tok.encode(text), args.block_size, "--data" if args.data else "pydoc topics")
-    val_batches = eval_batches(val_data, args)
-    val_before = evaluate(model, val_batches, args) if RANK == 0 else None
-    model.eval()
-    with torch.no_grad(), autocast(args):
-        ref_logits = model(val_batches[0][0][:4].to(args.device)).float()
-
-    torch.manual_seed(args.seed)
-    t_init = time.perf_counter()
-    adapters = inject(model, name, targets, kwargs)
-    if "cuda" in args.device:
-        torch.cuda.synchronize()
-    init_seconds = time.perf_counter() - t_init  # the adapters' own init: RanLoRA's decompositions dominate it
-    with torch.no_grad(), autocast(args):
-        init_gap = (model(val_batches[0][0][:4].to(args.device)).float() - ref_logits).abs().max().item()
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_train, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
-    log(f"{name} on {base_desc}: {len(adapters)} modules, {adapters[next(iter(adapters))].extra_repr()}")
-    log(f"trainable params {n_train:,} of {n_total:,} ({100 * n_train / n_total:.3f}%); "
-        f"train {len(train_data):,} / val {len(val_data):,} tokens; val loss before {val_before:.4f}" if RANK == 0 else "")
-    log(f"init gap: max |dlogits| wrapped vs base = {init_gap:.3g}" + (" (the adapter starts exactly at the base model)" if init_gap == 0 else ""))
-    val_at_init = val_before
-    if init_gap > 0 and RANK == 0:  # the method's starting point is not the base model (RanLoRA): what that costs
-        val_at_init = evaluate(model, val_batches, args)
-        log(f"val loss with the adapter at init {val_at_init:.4f} (base model {val_before:.4f})")
-    log(f"adapter init: {init_seconds:.2f} s for {len(adapters)} modules")
-
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(args.seed)
-    signature = {"adapter": name, "targets": targets, "kwargs": kwargs, "lr": lr, "batch_size": args.batch_size, "block_size": args.block_size,
-                 "seed": args.seed, "data": args.data, "base": base_desc, "world": WORLD}
-    start, curve, train_time, tokens = 0, [], 0.0, 0
-    if os.path.exists(ckpt_path) and not args.no_resume:
-        ck = load_checkpoint(ckpt_path)
-        if ck["signature"] != signature:
-            diff = sorted(k for k in signature if ck["signature"].get(k) != signature[k])
-            raise UserError(f"{ckpt_path} holds an interrupted run with other settings ({', '.join(diff)}): repeat its command, pass --no-resume to start over, or use another --out-dir")
-        for n, a in adapters.items():
-            a.load_state_dict({k[len(n) + 1 :]: v for k, v in ck["state"].items() if k.startswith(n + ".")}, strict=False)
+def train(model, opt, tokens, val_batches, loop, args, ckpt_path, signature, desc, resume, world=WORLD, rank=RANK):
+    """Train what requires grad in model for loop.steps; with resume, continue the run saved in ckpt_path."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    live = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    state = TrainState()
+    if resume:
+        ck = load_checkpoint(ckpt_path, "checkpoint")
+        assert ck["signature"] == signature, "prepare() compares signatures first"
+        load_strict(live, ck["weights"], ckpt_path)
         opt.load_state_dict(ck["opt"])
-        gen.set_state(ck["gen"])
-        torch.set_rng_state(ck["torch_rng"])
-        start, curve, train_time, tokens = ck["step"], ck["curve"], ck["train_time"], ck["tokens"]
-        log(f"resuming the interrupted run from step {start} ({ckpt_path})")
+        state = TrainState(**ck["state"])
+        log(f"{desc}: resuming the interrupted run from step {state.step} ({ckpt_path})")
 
-    def save_ckpt(step):
-        if RANK == 0:
-            atomic_save({"signature": signature, "step": step, "state": adapter_state(adapters), "opt": opt.state_dict(), "gen": gen.get_state(),
-                         "torch_rng": torch.get_rng_state(), "curve": curve, "train_time": train_time, "tokens": tokens}, ckpt_path)
+    def save():
+        if rank == 0:
+            atomic_save({"signature": signature, "state": asdict(state), "weights": {n: p.detach().cpu() for n, p in live.items()},
+                         "opt": opt.state_dict()}, ckpt_path)
 
     fwd = model
-    if DISTRIBUTED:  # gradients of the adapter parameters only: frozen weights are not registered for sync
+    if world > 1:  # gradients of the trainable parameters only: frozen weights are not registered for sync
         fwd = nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if "cuda" in args.device else None)
-    if args.compile:
+    if loop.compile:
         fwd = torch.compile(fwd)
     model.train()
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=name, disable=RANK != 0, dynamic_ncols=True)
-    done = start  # steps completed: what a checkpoint written on interrupt holds
-    try:
-        for step in bar:
-            t0 = time.perf_counter()
-            for g in opt.param_groups:
-                g["lr"] = lr * lr_factor(step, args.steps)
-            x, y = get_batch(train_data, args.batch_size, args.block_size, gen)
-            with autocast(args):
-                logits = fwd(x.to(args.device))
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(args.device).flatten())
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            done = step + 1
-            loss_v = loss.item()  # syncs the device, so the step time below is real
-            train_time += time.perf_counter() - t0
-            tokens += x.numel() * WORLD
-            bar.set_postfix(loss=f"{loss_v:.3f}", tok_s=f"{tokens / train_time:,.0f}")
-            if not math.isfinite(loss_v):
-                raise UserError(f"step {step}: the loss is {loss_v}; lower --lr (now {lr:g})")
-            if (step + 1) % args.eval_interval == 0 or step + 1 == args.steps:
-                val = evaluate(model, val_batches, args) if RANK == 0 else None
-                curve.append({"step": step + 1, "train_loss": loss_v, "val_loss": val})
-                if RANK == 0:
-                    bar.write(f"step {step + 1}: train loss {loss_v:.4f}, val loss {val:.4f}")
-                save_ckpt(step + 1)
-    except KeyboardInterrupt:
-        save_ckpt(done)
-        log(f"interrupted after step {done}: run the same command again to resume from {ckpt_path}")
-        raise SystemExit(130)
+    bar = tqdm(range(state.step, loop.steps), initial=state.step, total=loop.steps, desc=desc, disable=rank != 0, dynamic_ncols=True)
+    start, updating = state.step, False
+    with stop_on_signal() as stop:
+        try:
+            for step in bar:
+                flag = torch.tensor([float(stop.set)], device=args.device)
+                if world > 1:  # every process stops at the same step, or the others wait in DDP's all-reduce forever
+                    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                if flag.item():
+                    break
+                t0 = time.perf_counter()
+                for g in opt.param_groups:
+                    g["lr"] = loop.lr * lr_factor(step, loop.steps)
+                torch.manual_seed(data.step_seed(loop.seed, step, rank))  # dropout, if any: also a function of the step
+                x, y = data.get_batch(tokens, step, loop.batch_size, loop.block_size, loop.seed, world, rank)
+                with autocast(args):
+                    logits = fwd(x.to(args.device))
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(args.device).flatten())
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+                updating = True  # the weights and the step count change together
+                opt.step()
+                state.step, updating = step + 1, False
+                opt.zero_grad(set_to_none=True)
+                loss_v = loss.item()  # syncs the device, so the step time below is real
+                if step > start or state.step == loop.steps:  # each process's first step is warm-up (allocator, kernels)
+                    state.train_s += time.perf_counter() - t0
+                    state.tokens += x.numel() * world
+                bar.set_postfix(loss=f"{loss_v:.3f}", tok_s=f"{state.tokens / max(state.train_s, 1e-9):,.0f}")
+                if not math.isfinite(loss_v):
+                    raise UserError(f"step {step}: the loss is {loss_v}; lower --lr (now {loop.lr:g})")
+                if state.step % loop.eval_interval == 0 or state.step == loop.steps:
+                    val = evaluate(model, val_batches, args) if rank == 0 else None
+                    state.curve.append({"step": state.step, "train_loss": loss_v, "val_loss": val})
+                    if rank == 0:
+                        bar.write(f"{desc} step {state.step}: train loss {loss_v:.4f}, val loss {val:.4f}")
+                    save()
+        except KeyboardInterrupt:  # a second Ctrl-C: stop now; the state is whole unless it came inside opt.step()
+            if not updating:
+                save()
+            raise Interrupted(f"stopped during step {state.step + 1}: run the same command again to resume from step {state.step} ({ckpt_path})")
     bar.close()
-    if RANK != 0:
-        return None
+    if state.step < loop.steps:
+        save()
+        if world > 1:
+            torch.distributed.barrier()  # no process exits before rank 0 has saved: torchrun would stop it mid-write
+        raise Interrupted(f"interrupted after step {state.step}: run the same command again to resume from {ckpt_path}")
+    return state
 
-    val_after = curve[-1]["val_loss"] if curve else evaluate(model, val_batches, args)
-    atomic_save({"adapter": name, "targets": targets, "kwargs": kwargs, "base": base_desc, "state": adapter_state(adapters)}, os.path.join(out, "adapter.pt"))
-    model.eval()
-    prompt = torch.tensor([tok.encode(args.prompt, bos=True)], device=args.device)
-    torch.manual_seed(args.seed)
-    with autocast(args):
-        out_ids = generate(model, prompt, args.sample_tokens, stop_id=tok.eos_id)[0].tolist()
-    sample = tok.decode(out_ids[1:] if tok.bos_id is not None and out_ids[0] == tok.bos_id else out_ids)  # without the BOS marker
-    rank = rank_report(adapters)
-    merge = merge_check(model, adapters, val_batches, args)
-    metrics = {"adapter": name, "targets": targets, "kwargs": kwargs, "base": base_desc, "trainable_params": n_train, "total_params": n_total,
-               "init_gap_max_abs_logit_diff": init_gap, "init_seconds": init_seconds, "val_loss_before": val_before, "val_loss_at_init": val_at_init, "val_loss_after": val_after, "steps": args.steps, "lr": lr,
-               "tokens_per_s": tokens / max(train_time, 1e-9), "wall_s": time.time() - t_start, "merge": merge, "rank": rank, "curve": curve, "sample": sample}
-    with open(os.path.join(out, "sample.txt"), "w") as f:
-        f.write(sample)
-    atomic_save(metrics, os.path.join(out, "metrics.json"))
-    if os.path.exists(ckpt_path):
-        os.remove(ckpt_path)  # the run is complete: adapter.pt and metrics.json hold its result
-    log(f"val loss {val_before:.4f} -> {val_after:.4f}; {metrics['tokens_per_s']:,.0f} tokens/s")
-    report_merge(merge)
-    log(f"sample: {sample!r}"[:400])
-    log(f"saved {out}/adapter.pt, metrics.json, sample.txt")
+
+# ----------------------------------------------------------------------------------------------
+# finish: save first; sampling, rank diagnostics and the merge check after, each failing alone
+
+
+def finish(model, adapters, job, args, tok, base_desc, val_batches, info, state):
+    """Save the adapter, then the diagnostics; a failure in one is one `error:` line, never the lost adapter."""
+    metrics = {"adapter": job.name, "targets": job.targets, "kwargs": job.kwargs, "base": base_desc, **info, "steps": args.steps, "lr": job.lr,
+               "val_loss_after": state.curve[-1]["val_loss"], "tokens_per_s": state.tokens / max(state.train_s, 1e-9), "curve": state.curve,
+               "sample": None, "rank": None, "merge": None, "errors": {}, "finish_s": {}}
+    t = time.perf_counter()
+    atomic_save({"adapter": job.name, "targets": job.targets, "kwargs": job.kwargs, "base": base_desc, "state": adapter_state(adapters)},
+                os.path.join(job.out, "adapter.pt"))
+    if os.path.exists(os.path.join(job.out, "ckpt.pt")):
+        os.remove(os.path.join(job.out, "ckpt.pt"))  # the run is complete: adapter.pt holds its result
+    atomic_save(metrics, os.path.join(job.out, "metrics.json"))
+    metrics["finish_s"]["save"] = time.perf_counter() - t
+    x, y = (t[:8].to(args.device) for t in val_batches[0])  # the merge check's held-out sequences
+    for what, fn in (("sample", lambda: sample(model, adapters, tok, args)), ("rank", lambda: diagnostics.rank_report(adapters)),
+                     ("merge", lambda: diagnostics.merge_check(model, adapters, x, y))):
+        t = time.perf_counter()
+        try:
+            metrics[what] = fn()
+        except Exception as e:  # the adapter is saved: say what failed and go on
+            metrics["errors"][what] = f"{type(e).__name__}: {e}"
+            print(f"error: {job.name}: the {what} step failed after training ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                  f"the adapter is saved in {job.out}/adapter.pt", file=sys.stderr)
+        sync(args.device)
+        metrics["finish_s"][what] = time.perf_counter() - t
+    metrics["wall_s"] = time.time() - info["t_start"]
+    if metrics["sample"] is not None:
+        atomic_save(metrics["sample"], os.path.join(job.out, "sample.txt"))
+    atomic_save(metrics, os.path.join(job.out, "metrics.json"))
+    log(f"val loss {metrics['val_loss_before']:.4f} -> {metrics['val_loss_after']:.4f}; {metrics['tokens_per_s']:,.0f} tokens/s; "
+        f"after the last step: {', '.join(f'{k} {v:.2f} s' for k, v in metrics['finish_s'].items())}")
+    if metrics["merge"]:
+        log(diagnostics.merge_line(metrics["merge"]))
+    if metrics["sample"] is not None:
+        log(f"sample: {metrics['sample']!r}"[:400])
+    log(f"saved {job.out}/adapter.pt, metrics.json" + (", sample.txt" if metrics["sample"] is not None else ""))
     return metrics
 
 
+@torch.no_grad()
+def sample(model, adapters, tok, args):
+    """A text sample; where the merge is exact, from the merged layers: the same function at the base model's speed
+    (LR-LoRA's forward rebuilds its dense f(BA) on every call: 200 tokens took 44 s on the CPU that way)."""
+    model.eval()
+    merged = {n: a.merged() for n, a in adapters.items() if a.exact_merge}
+    diagnostics.put(model, merged)
+    try:
+        prompt = torch.tensor([tok.encode(args.prompt, bos=True)], device=args.device)
+        torch.manual_seed(args.seed)
+        with autocast(args):
+            ids = generate(model, prompt, args.sample_tokens, stop_id=tok.eos_id)[0].tolist()
+    finally:
+        diagnostics.put(model, {n: adapters[n] for n in merged})
+    return tok.decode(ids[1:] if tok.bos_id is not None and ids[0] == tok.bos_id else ids)  # without the BOS marker
+
 
 # ----------------------------------------------------------------------------------------------
-# comparing methods: one table, compare.json, compare.png
+# one adapter, start to end
 
 
-def merge_summary(m):
-    if m["max_abs_logit_diff"] is None:
-        return "none (stays at inference)"
-    return "exact" if m["exact"] else f"gap {m['max_abs_logit_diff']:.2g}"
-
-
-def compare(results, args):
-    """One row per method: parameters, loss, speed, merge and the rank diagnostics of its dW."""
-    head = f"{'method':<9} {'trainable':>10} {'val before':>10} {'val after':>9} {'tok/s':>8}  {'merge':<26} {'num.rank':>8} {'stable rk':>9} {'energy':>9}"
-    lines = [head, "-" * len(head)]
-    for name, m in results.items():
-        mean = m["rank"]["mean"]
-        ranks = f"{mean['numerical_rank']:>8.1f} {mean['stable_rank']:>9.2f} {mean['energy']:>9.3g}" if mean else f"{'no weight-space dW':>28}"
-        lines.append(f"{name:<9} {m['trainable_params']:>10,} {m['val_loss_before']:>10.4f} {m['val_loss_after']:>9.4f} {m['tokens_per_s']:>8,.0f}  {merge_summary(m['merge']):<26} {ranks}")
-    log("\n" + "\n".join(lines))
-    log("rank columns: mean over adapted modules of dW's singular values > 0.005, ||dW||_F^2/||dW||_2^2, sum of sigma^2")
-    path = os.path.join(args.out_dir, "compare.json")
-    atomic_save({"steps": args.steps, "seed": args.seed, "data": args.data, "table": lines, "methods": results}, path)
-    log(f"saved {path}")
-    plot_compare(results, os.path.join(args.out_dir, "compare.png"))
-
-
-def plot_compare(results, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("no plot: pip install matplotlib to get compare.png (val-loss curves and dW spectra)")
-        return
-    kinds = sorted({n.rpartition(".")[2] for m in results.values() if m["rank"]["per_module"] for n in m["rank"]["per_module"]})
-    fig, axes = plt.subplots(1, 1 + len(kinds), figsize=(4 * (1 + len(kinds)), 3.4), squeeze=False)
-    for name, m in results.items():
-        axes[0, 0].plot([c["step"] for c in m["curve"]], [c["val_loss"] for c in m["curve"]], marker=".", label=name)
-        for ax, kind in zip(axes[0, 1:], kinds):
-            spectra = [torch.tensor(s["spectrum"]) for n, s in (m["rank"]["per_module"] or {}).items() if n.endswith(kind)]
-            if spectra:
-                k = min(len(s) for s in spectra)
-                ax.semilogy(torch.stack([s[:k] / s[0].clamp_min(1e-30) for s in spectra]).mean(0), label=name)
-    axes[0, 0].set(title="val loss", xlabel="step")
-    axes[0, 0].legend()
-    for ax, kind in zip(axes[0, 1:], kinds):
-        ax.set(title=f"{kind}: sigma_i / sigma_1 of dW", xlabel="i", ylim=(1e-4, 1.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    log(f"saved {path}")
+def run(job, base, base_desc, tok, train_data, val_batches, val_before, args):
+    """Wrap, train and finish one adapter; its metrics (rank 0) or None (other processes)."""
+    t_start = time.time()
+    model, adapters, info = wrap(base, job, args, len(args.names) > 1, val_batches)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_train, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
+    info.update(t_start=t_start, trainable_params=n_train, total_params=n_total, val_loss_before=val_before, val_loss_at_init=val_before)
+    if RANK == 0:
+        if info["init_gap_max_abs_logit_diff"] > 0:  # RanLoRA does not start at the base model: what that costs
+            info["val_loss_at_init"] = evaluate(model, val_batches, args)
+        log(f"{job.name} on {base_desc}: {len(adapters)} modules, {next(iter(adapters.values())).extra_repr()}")
+        log(f"trainable params {n_train:,} of {n_total:,} ({100 * n_train / n_total:.3f}%); train {len(train_data):,} / val "
+            f"{sum(x.numel() for x, _ in val_batches):,} tokens; adapter init {info['init_seconds']:.2f} s; init gap max |dlogits| "
+            f"{info['init_gap_max_abs_logit_diff']:.3g}; val loss {val_before:.4f} before, {info['val_loss_at_init']:.4f} at init")
+    opt = torch.optim.AdamW(params, lr=job.lr, weight_decay=0.0)
+    loop = Loop(args.steps, job.lr, args.batch_size, args.block_size, args.seed, args.eval_interval, args.compile)
+    state = train(model, opt, train_data, val_batches, loop, args, os.path.join(job.out, "ckpt.pt"), job.signature, job.name, job.resume)
+    return finish(model, adapters, job, args, tok, base_desc, val_batches, info, state) if RANK == 0 else None
 
 
 def report_saved_adapter(args):
     """--rank-report: the rank diagnostics of a saved adapter.pt, on the base it was trained on."""
     if not os.path.isfile(args.rank_report):
         raise UserError(f"--rank-report {args.rank_report}: no such file")
-    model, _, _ = load_base(args)
-    model.requires_grad_(False)
-    adapters, ckpt = load_adapter(model, args.rank_report)
-    rep = rank_report(adapters)
-    if rep["reason"]:
-        log(f"{ckpt['adapter']}: no weight-space dW. {rep['reason']}")
-        return
-    log(f"{ckpt['adapter']} ({args.rank_report}): {'module':<28} {'num.rank':>8} {'stable rk':>9} {'energy':>9}")
-    for n, st in rep["per_module"].items():
-        log(f"  {n:<28} {st['numerical_rank']:>8} {st['stable_rank']:>9.2f} {st['energy']:>9.3g}")
-    mean = rep["mean"]
-    log(f"  {'mean':<28} {mean['numerical_rank']:>8.1f} {mean['stable_rank']:>9.2f} {mean['energy']:>9.3g}")
+    load_adapter(copy.deepcopy(base_skeleton(args)[0]), args.rank_report)  # a wrong file fails before the base loads
+    adapters, ckpt = load_adapter(load_base(args).requires_grad_(False), args.rank_report)
+    log("\n".join(diagnostics.rank_lines(diagnostics.rank_report(adapters), f"{ckpt['adapter']} ({args.rank_report})")))
 
 
-# ----------------------------------------------------------------------------------------------
-# command line
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--adapter", default="genlora", help=f"one of {', '.join(ADAPTERS)}; a comma list or 'all' trains each and compares them")
-    p.add_argument("--data", nargs="+", help="text files, folders or globs to fine-tune on (default: Python's pydoc topics)")
-    p.add_argument("--init-from", help="a LLaMA checkpoint directory (HF or Meta layout); default: the built-in GPT")
-    p.add_argument("--targets", help=f"comma-separated subset of {','.join(TARGETS)} (default: the adapter's paper)")
-    p.add_argument("--rank", dest="r", type=int, help="adapter rank (default: the adapter's)")
-    p.add_argument("--alpha", type=float, help="scale = alpha / rank (default: the adapter's)")
-    p.add_argument("--dropout", type=float, help="dropout on the adapter input (default: the adapter's)")
-    m = p.add_argument_group("method-specific (default: the adapter's)")
-    m.add_argument("--groups", type=int, help="GenLoRA: groups per latent")
-    m.add_argument("--num-centers", type=int, help="GenLoRA: RBF centers per generator")
-    m.add_argument("--grid-size", type=int, help="LR-LoRA: sinc basis functions")
-    m.add_argument("--grid-range", type=float, help="LR-LoRA: the sinc grid spans [-range, range]")
-    m.add_argument("--mode", choices=["dynamic", "static"], help="AuroRA: dynamic (paper default) or static (AuroRA-S)")
-    m.add_argument("--no-fixed", dest="fixed", action="store_const", const=False, help="AuroRA ablation: drop the fixed nonlinearity")
-    m.add_argument("--no-learnable", dest="learnable", action="store_const", const=False, help="AuroRA ablation: drop the learnable spline")
-    m.add_argument("--activation", choices=["gelu", "relu", "tanh", "identity"], help="RanLoRA: nonlinearity on A x")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, help="global batch, split across torchrun processes (default: 32 on the built-in GPT, 8 on LLaMA)")
-    p.add_argument("--block-size", type=int, help="tokens per sequence (default: 128 on the built-in GPT, 256 on LLaMA)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: the adapter's registry value)")
-    p.add_argument("--eval-interval", type=int, default=100)
-    p.add_argument("--eval-iters", type=int, default=10)
-    p.add_argument("--base-steps", type=int, default=600, help="pretraining steps of the built-in GPT (cached)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: bfloat16 on a GPU that has it, else float32")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--out-dir", default="out")
-    p.add_argument("--no-resume", action="store_true", help="start over even if an interrupted run's checkpoint exists")
-    p.add_argument("--prompt", default="The ", help="start of the generated sample")
-    p.add_argument("--sample-tokens", type=int, default=200)
-    p.add_argument("--rank-report", metavar="ADAPTER_PT", help="print the rank diagnostics of a saved adapter.pt and exit")
-    args = p.parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if args.dtype == "auto":
-        args.dtype = "bfloat16" if args.device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
-    if args.block_size is None:
-        args.block_size = 256 if args.init_from else 128
-    if args.batch_size is None:
-        args.batch_size = 8 if args.init_from else 32
-    for k in ("steps", "batch_size", "block_size", "eval_interval", "eval_iters", "base_steps"):
-        if getattr(args, k) < 1:
-            raise UserError(f"--{k.replace('_', '-')} {getattr(args, k)}: must be at least 1")
-    if args.batch_size % WORLD:
-        raise UserError(f"--batch-size {args.batch_size}: must divide evenly across {WORLD} processes")
-    return args
-
-
-def setup_distributed(args):
-    """Under torchrun: one process per device, NCCL on CUDA, gloo on the CPU."""
-    if not DISTRIBUTED:
-        return
-    if args.device.startswith("cuda"):
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
-    torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+def compare(results, args):
+    """One table (also in compare.json) and one figure for several methods trained alike."""
+    lines = diagnostics.compare_table(results)
+    log("\n" + "\n".join(lines))
+    atomic_save({"steps": args.steps, "seed": args.seed, "data": args.data, "table": lines[:-1], "methods": results}, os.path.join(args.out_dir, "compare.json"))
+    png = os.path.join(args.out_dir, "compare.png")
+    log(f"saved {args.out_dir}/compare.json" + (f", {png}" if diagnostics.plot_compare(results, png) else " (pip install matplotlib for compare.png)"))
 
 
 def main(argv=None):
     try:
         args = parse_args(argv)
-        names = list(ADAPTERS) if args.adapter == "all" else [n.strip() for n in args.adapter.split(",") if n.strip()]
-        for n in names:
-            adapter_class(n)  # an unknown adapter fails before any work
-        args.comparing = len(names) > 1
-        for n in names if args.compile else []:  # an adapter's own compiled kernels (LR-LoRA's sinc passes)
-            module = importlib.import_module(ADAPTERS[n][0])
+        for n in args.names if args.compile else []:  # an adapter's own compiled kernels (LR-LoRA's sinc passes)
+            module = importlib.import_module(ADAPTERS[n].file)
             if hasattr(module, "COMPILE"):
                 module.COMPILE = True
-        setup_distributed(args)
+        if DISTRIBUTED:  # under torchrun: one process per device, NCCL on CUDA, gloo on the CPU
+            if args.device.startswith("cuda"):
+                args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+                torch.cuda.set_device(args.device)
+            torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
         if args.rank_report:
             report_saved_adapter(args)
             return 0
-        results = {}
-        for n in names:
-            torch.manual_seed(args.seed)
-            results[n] = run(args, n)
-        if args.comparing and RANK == 0:
+        base, base_desc, tok, train_data, val_batches, val_before, jobs = prepare(args)
+        results = {job.name: run(job, base, base_desc, tok, train_data, val_batches, val_before, args) for job in jobs}
+        if RANK != 0:
+            return 0
+        if len(results) > 1:
             compare(results, args)
-        failed = [n for n, m in results.items() if m and m["merge"].get("passed") is False]
+        failed = [n for n, m in results.items() if m["errors"] or (m["merge"] or {}).get("passed") is False]
         for n in failed:
-            print(f"error: {n}: merge check failed: merged and unmerged logits differ by {results[n]['merge']['relative_diff']:.2g} relative (> 1e-4)", file=sys.stderr)
+            if (results[n]["merge"] or {}).get("passed") is False:
+                print(f"error: {n}: merge check failed: merged and unmerged logits differ by {results[n]['merge']['relative_diff']:.2g} relative (> 1e-4)", file=sys.stderr)
         return 1 if failed else 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        log(str(e))
+        return 130
     finally:
         if DISTRIBUTED and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -1,0 +1,181 @@
+"""What train.py measures on a trained adapter: the rank of its dW, merged vs unmerged, and the comparison
+of several methods (one table, one figure). Everything runs where the model lives, in float32."""
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+# ----------------------------------------------------------------------------------------------
+# rank diagnostics: what the papers' rank claims are about
+
+
+def rank_stats(dw, threshold=0.005):
+    """Numerical rank (singular values above 0.005, GenLoRA's Fig. 4), stable rank ||dW||_F^2 / ||dW||_2^2
+    (LR-LoRA's Eq. 5) and energy sum(sigma^2) = ||dW||_F^2 (GenLoRA's Table 9) of one update."""
+    s = singular_values(dw.detach().float())
+    energy = torch.linalg.vector_norm(dw.detach(), dtype=torch.float64).item() ** 2
+    return {"numerical_rank": int((s > threshold).sum()), "stable_rank": energy / s[0].item() ** 2 if s[0] > 0 else 0.0,
+            "energy": energy, "spectrum": s[:64].tolist()}
+
+
+def singular_values(dw, k=72):
+    """dW's singular values in float32 on its device. Most methods' dW has rank <= r: the range of dW times k
+    random vectors then holds all of dW (residual at float32 noise), and the small k x n projection has the
+    same singular values, for a fraction of a full SVD's cost on a 2048 x 8192 weight. A dense dW (LR-LoRA's
+    f(BA)) fails that check and takes the full SVD."""
+    if min(dw.shape) <= 2 * k:
+        return torch.linalg.svdvals(dw)
+    omega = torch.randn(dw.shape[1], k, device=dw.device, generator=torch.Generator(dw.device).manual_seed(0))
+    q = torch.linalg.qr(dw @ omega).Q
+    proj = q.T @ dw
+    captured = torch.linalg.matrix_norm(dw - q @ proj) <= 1e-5 * torch.linalg.matrix_norm(dw)
+    return torch.linalg.svdvals(proj if captured else dw)
+
+
+@torch.no_grad()
+def rank_report(adapters):
+    """Per-module diagnostics and their means; a method with no weight-space dW says why instead."""
+    per_module = {}
+    for n, a in adapters.items():
+        try:
+            per_module[n] = rank_stats(a.delta_weight())
+        except NotImplementedError as e:
+            return {"per_module": None, "mean": None, "reason": str(e)}
+    mean = {k: sum(m[k] for m in per_module.values()) / len(per_module) for k in ("numerical_rank", "stable_rank", "energy")}
+    return {"per_module": per_module, "mean": mean, "reason": None}
+
+
+def rank_lines(rep, title):
+    """The rank report as a table, one line per module and their mean."""
+    if rep["reason"]:
+        return [f"{title}: no weight-space dW. {rep['reason']}"]
+    lines = [f"{title}: {'module':<28} {'num.rank':>8} {'stable rk':>9} {'energy':>9}"]
+    for n, st in [*rep["per_module"].items(), ("mean", rep["mean"])]:
+        lines.append(f"  {n:<28} {st['numerical_rank']:>8.4g} {st['stable_rank']:>9.2f} {st['energy']:>9.3g}")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# the merge check
+
+
+def put(model, modules):
+    """Place each module at its dotted name in model (a merged Linear, a base layer, or the adapter back)."""
+    for name, module in modules.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, module)
+
+
+@torch.no_grad()
+def merge_check(model, adapters, x, y):
+    """Merged vs unmerged, eval mode, float32, on the model's device, on a few held-out sequences x (enough to
+    see a 1e-4 difference, cheap on a 1B model). Exact methods must agree to 1e-4 relative on the logits;
+    approximate ones report their gap; a method with no weight-space form says why and what keeping it costs."""
+    model.float().eval()  # training is over: compare in float32
+    unmerged = model(x)
+    loss = lambda logits: F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
+    exact = all(a.exact_merge for a in adapters.values())
+    try:
+        merged = {n: a.merged() for n, a in adapters.items()}
+    except NotImplementedError as e:
+        with_adapter = tokens_per_s(model, x)
+        put(model, {n: a.base for n, a in adapters.items()})
+        without = tokens_per_s(model, x)
+        put(model, adapters)
+        return {"exact": False, "max_abs_logit_diff": None, "relative_diff": None, "val_loss_unmerged": loss(unmerged), "val_loss_merged": None,
+                "tokens": x.numel(), "reason": str(e), "inference_tokens_per_s": {"with_adapter": with_adapter, "base_layers_only": without}}
+    put(model, merged)
+    try:
+        merged_logits = model(x)
+    finally:
+        put(model, adapters)
+    diff = (merged_logits - unmerged).abs().max().item()
+    rel = diff / unmerged.abs().max().item()
+    reason = None if exact else "approximate: merged() is the method's static inference form, not its training-time forward"
+    return {"exact": exact, "max_abs_logit_diff": diff, "relative_diff": rel, "val_loss_unmerged": loss(unmerged), "val_loss_merged": loss(merged_logits),
+            "tokens": x.numel(), "reason": reason, "passed": (rel <= 1e-4) if exact else None}
+
+
+def tokens_per_s(model, x, reps=3):
+    model(x)  # warm-up
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    for _ in range(reps):
+        model(x)
+    sync()
+    return reps * x.numel() / (time.perf_counter() - t)
+
+
+def merge_line(m):
+    if m["max_abs_logit_diff"] is None:
+        t = m["inference_tokens_per_s"]
+        return (f"merge: none. {m['reason']}\n  the adapter stays at inference: {t['with_adapter']:,.0f} tokens/s with it vs "
+                f"{t['base_layers_only']:,.0f} without ({t['base_layers_only'] / t['with_adapter']:.2f}x)")
+    kind = "exact" if m["exact"] else "approximate (the paper's static inference form)"
+    return (f"merge ({kind}): max |dlogits| = {m['max_abs_logit_diff']:.3g} (relative {m['relative_diff']:.2g}), "
+            f"loss unmerged {m['val_loss_unmerged']:.4f} vs merged {m['val_loss_merged']:.4f} ({m['tokens']} held-out tokens)")
+
+
+# ----------------------------------------------------------------------------------------------
+# comparing methods: one table, one figure
+
+
+def compare_table(results):
+    """One row per method: parameters, loss, speed, merge and the rank diagnostics of its dW."""
+    head = f"{'method':<9} {'trainable':>10} {'val before':>10} {'val after':>9} {'tok/s':>8}  {'merge':<26} {'num.rank':>8} {'stable rk':>9} {'energy':>9}"
+    lines = [head, "-" * len(head)]
+    for name, m in results.items():
+        mean, merge = (m["rank"] or {}).get("mean"), m["merge"]
+        ranks = f"{mean['numerical_rank']:>8.1f} {mean['stable_rank']:>9.2f} {mean['energy']:>9.3g}" if mean else f"{'no weight-space dW':>28}"
+        merge = ("(merge check failed)" if merge is None else "none (stays at inference)" if merge["max_abs_logit_diff"] is None
+                 else "exact" if merge["exact"] else f"gap {merge['max_abs_logit_diff']:.2g}")
+        lines.append(f"{name:<9} {m['trainable_params']:>10,} {m['val_loss_before']:>10.4f} {m['val_loss_after']:>9.4f} {m['tokens_per_s']:>8,.0f}  {merge:<26} {ranks}")
+    return lines + ["rank columns: mean over adapted modules of dW's singular values > 0.005, ||dW||_F^2/||dW||_2^2, sum of sigma^2"]
+
+
+def plot_compare(results, path):
+    """The val-loss curves large on top; below, a grid with one panel per module type: the normalized spectrum
+    of dW (mean over layers); one legend for all. Returns False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    per_module = {name: (m["rank"] or {}).get("per_module") or {} for name, m in results.items()}
+    kinds = [f"{t}_proj" for t in TARGETS if any(n.endswith(f".{t}_proj") for pm in per_module.values() for n in pm)]
+    cols = min(3, max(1, len(kinds)))
+    rows = math.ceil(len(kinds) / cols)
+    fig = plt.figure(figsize=(12, 5 + 2.8 * rows))
+    grid = fig.add_gridspec(1 + rows, cols, height_ratios=[2.2] + [1] * rows, hspace=0.55, wspace=0.25)
+    colors = dict(zip(results, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    ax = fig.add_subplot(grid[0, :])
+    for name, m in results.items():
+        steps, losses = [0] + [c["step"] for c in m["curve"]], [m["val_loss_at_init"]] + [c["val_loss"] for c in m["curve"]]
+        label = name if per_module[name] else f"{name} (no weight-space ΔW: no spectrum)"
+        ax.plot(steps, losses, marker="o", ms=3, lw=1.8, color=colors[name], label=label)
+    ax.set(title="validation loss (one colour per method in every panel)", xlabel="step", ylabel="loss (nats per token)")
+    ax.legend(ncol=len(results), loc="upper right", fontsize=10)
+    ax.grid(alpha=0.3)
+    spectra = {(name, kind): [torch.tensor(s["spectrum"]) for n, s in pm.items() if n.endswith("." + kind)] for name, pm in per_module.items() for kind in kinds}
+    shown = max([int((s / s[0].clamp_min(1e-30) > 1e-4).sum()) for ss in spectra.values() for s in ss] or [1])
+    for i, kind in enumerate(kinds):
+        sax = fig.add_subplot(grid[1 + i // cols, i % cols])
+        for name in results:
+            ss = spectra.get((name, kind))
+            if ss:
+                k = min(len(s) for s in ss)
+                mean = torch.stack([s[:k] / s[0].clamp_min(1e-30) for s in ss]).mean(0)
+                sax.semilogy(range(1, k + 1), mean, marker=".", color=colors[name])
+        sax.set(title=f"{kind}: σ_i / σ_1 of ΔW, mean over layers", xlabel="i", ylim=(1e-4, 1.5), xlim=(0.5, shown + 1.5))
+        sax.title.set_fontsize(10)
+        sax.grid(alpha=0.3)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return True
