@@ -100,9 +100,20 @@ def test_lora_merge_is_exact_idempotent_and_leaves_base_untouched():
 
 
 def test_lora_bad_rank_is_a_value_error():
-    for r in (0, -1, 17):
+    for r in (0, -1, 2.5):
         with pytest.raises(ValueError, match="r="):
             LoRALinear(nn.Linear(16, 32), r=r)
+
+
+def test_lora_rank_above_the_layer_width_fits_and_dW_rank_stays_bounded():
+    """r = 8 (the default) on an 8 -> 3 layer: allowed, as in HF PEFT, so the defaults fit any layer;
+    rank(dW) <= min(r, in, out) = 3 however B and A train."""
+    lora = LoRALinear(nn.Linear(8, 3))
+    randomize_(lora)
+    assert lora.r == 8 and lora.A.shape == (8, 8) and lora.B.shape == (3, 8)
+    assert torch.linalg.matrix_rank(lora.delta_weight().double()) == 3
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(lora.merged()(x), lora(x), rtol=1e-5, atol=1e-5)
 
 
 def test_lora_matches_hf_peft():
@@ -309,8 +320,9 @@ def genlora_fit_random_targets(m, steps, opt, seed=0):
     return m
 
 
-def genlora_reference_factors(z, theta, groups, num_centers, eps):
-    """Eqs. 5-9 in float64 numpy, one generator and one group at a time: the (d, r) matrix [f_1(z) .. f_r(z)]."""
+def genlora_reference_factors(z, theta, groups, num_centers, eps, normalize=True):
+    """Eqs. 5-9 in float64 numpy, one generator and one group at a time: the (d, r) matrix [f_1(z) .. f_r(z)].
+    normalize=False drops Eq. 6 (Table 4, "w.o. Norm")."""
     z, theta = z.detach().double().numpy(), theta.detach().double().numpy()
     r, d = theta.shape[2], z.shape[0]
     d_g = d // groups
@@ -320,7 +332,7 @@ def genlora_reference_factors(z, theta, groups, num_centers, eps):
     for i in range(r):
         for g in range(groups):
             x = z[g * d_g:(g + 1) * d_g]  # Eq. 5
-            x_hat = (x - x.mean()) / (x.std() + eps)  # Eq. 6 as printed
+            x_hat = (x - x.mean()) / (x.std() + eps) if normalize else x  # Eq. 6 as printed
             w_b, w = theta[g, 0, i], theta[g, 1:, i]  # θ[g, :, i] = (w_b, w_1..w_K)
             phi = w_b * x_hat / (1.0 + np.exp(-x_hat))  # w_b * SiLU(x_hat), Eq. 7
             for k in range(num_centers):
@@ -488,10 +500,10 @@ def test_genlora_parameter_counts_llama3_8b_qkv():
     """App. G / Tables 2, 7, 8: LLaMA-3-8B, 32 layers, q (4096->4096), k and v (4096->1024)."""
     shapes = [(4096, 4096), (4096, 1024), (4096, 1024)] * 32
 
-    def count(r, freeze=()):
+    def count(r, freeze=(), **kw):
         total = 0
         for n_in, n_out in shapes:
-            m = GenLoRALinear(nn.Linear(n_in, n_out, bias=False, device="meta"), r=r, groups=16)
+            m = GenLoRALinear(nn.Linear(n_in, n_out, bias=False, device="meta"), r=r, groups=16, **kw)
             for name in freeze:
                 getattr(m, name).requires_grad_(False)
             total += sum(p.numel() for p in m.parameters() if p.requires_grad)
@@ -500,9 +512,13 @@ def test_genlora_parameter_counts_llama3_8b_qkv():
     assert count(8) == 0.98
     assert count(32) == 2.16
     assert count(64) == 3.74
-    assert count(8, freeze=("z_A", "z_B")) == 0.39
-    assert count(8, freeze=("z_A",)) == 0.59  # Table 7
+    # Table 7, all at r = 8, g = 16: frozen Z_A and Z_B (the freeze_latents variant), frozen Z_A, frozen Z_B
+    assert count(8, freeze_latents=True) == 0.39
+    assert count(8, freeze=("z_A",)) == 0.59
     assert count(8, freeze=("z_B",)) == 0.79
+    # generators alone are 2 r G (1 + K) per module, linear in r: 0.39M / 0.59M / 0.79M at r = 8 / 12 / 16 too
+    assert [count(r, freeze_latents=True) for r in (8, 12, 16)] == [0.39, 0.59, 0.79]
+    assert count(8, normalize=False) == 0.98  # Table 4 keeps the count: Eq. 6 has no parameters
     lora_r8 = sum(8 * (n_in + n_out) for n_in, n_out in shapes)  # the LoRA row the paper compares with
     assert round(lora_r8 / 1e6, 2) == 4.72
 
@@ -521,6 +537,47 @@ def test_genlora_bad_arguments_raise_value_error(kwargs, arg):
         assert "valid: [1, 2, 4, 8, 16]" in str(e.value)
     with pytest.raises(ValueError, match="groups=16"):  # out=16 in 16 groups: one entry per group
         GenLoRALinear(nn.Linear(64, 16), groups=16)
+
+
+@pytest.mark.parametrize("n_in, n_out, groups", [(4096, 4096, 16), (4096, 1024, 16), (32, 64, 16), (64, 16, 8),
+                                                 (64, 48, 16), (24, 20, 4), (8, 3, 1), (3, 8, 1)])
+def test_genlora_default_groups_is_16_where_it_fits_else_the_largest_that_does(n_in, n_out, groups):
+    m = GenLoRALinear(nn.Linear(n_in, n_out, device="meta"))
+    assert m.groups == groups and m.theta_A.shape == (groups, 16, 8)
+    # the rule, written independently: G divides both widths and leaves >= 2 entries per group
+    fits = [g for g in range(1, 17) if n_in % g == 0 and n_out % g == 0 and min(n_in, n_out) // g >= 2]
+    assert groups == (16 if 16 in fits else max(fits))
+    with pytest.raises(ValueError, match="groups="):  # a layer too narrow for any group: a clear error
+        GenLoRALinear(nn.Linear(8, 1))
+
+
+def test_genlora_freeze_latents_trains_only_the_generators():
+    """Table 7's frozen-latent variant: z_A and z_B keep their init (and are saved, so a reload reproduces)."""
+    torch.manual_seed(0)
+    m = GenLoRALinear(nn.Linear(32, 24), r=4, freeze_latents=True)
+    assert [n for n, p in m.named_parameters() if p.requires_grad] == ["theta_B", "theta_A"]
+    z_A, z_B, theta_A = m.z_A.detach().clone(), m.z_B.detach().clone(), m.theta_A.detach().clone()
+    genlora_fit_random_targets(m, 3, torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-2))
+    assert torch.equal(m.z_A, z_A) and torch.equal(m.z_B, z_B)
+    assert not torch.equal(m.theta_A, theta_A) and m.delta_weight().abs().max() > 0
+    assert {"z_A", "z_B", "theta_A", "theta_B"} <= set(m.state_dict())
+
+
+def test_genlora_normalize_makes_A_invariant_to_the_scale_of_z_A_and_without_it_not():
+    """Eq. 6 normalizes each group: A(c z_A + t) = A(z_A) for c > 0. normalize=False (Table 4, "w.o. Norm") feeds
+    z_A to the generators as it is, so A changes, and it equals the float64 reference with x̂ = x."""
+    torch.manual_seed(0)
+    for normalize in (True, False):
+        m = genlora_randomize_(GenLoRALinear(nn.Linear(32, 24), r=4, normalize=normalize))
+        A = m.A.detach().clone()
+        with torch.no_grad():
+            m.z_A.mul_(3.0).add_(0.5)
+        if normalize:
+            torch.testing.assert_close(m.A, A, rtol=1e-5, atol=1e-5)
+        else:
+            assert (m.A - A).abs().max() > 0.1
+            want = genlora_reference_factors(m.z_A, m.theta_A, m.groups, 15, eps=0.0, normalize=False).T
+            np.testing.assert_allclose(m.A.detach().numpy(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_genlora_state_dict_round_trip_reproduces_outputs(tmp_path):
@@ -875,11 +932,15 @@ def aurora_cox_de_boor(x, j, k, t=AURORA_KNOTS):
     return left + right
 
 
-def aurora_sigma_ref(z, H, W_s):
-    """Eq. 8 in float64 from the definition: tanh(H tanh z) + W_s sum_i B(z_i); z is (n, r)."""
-    z, H, W_s = z.detach().double(), H.detach().double(), W_s.detach().double()
+AURORA_ACTS = {"tanh": torch.tanh, "sigmoid": lambda t: 1 / (1 + torch.exp(-t)),  # Table 5, written out
+               "leaky_relu": lambda t: torch.where(t >= 0, t, 0.01 * t)}
+
+
+def aurora_sigma_ref(z, H, W_s, act="tanh"):
+    """Eq. 8 in float64 from the definition: act(H act z) + W_s sum_i B(z_i), act = tanh (Table 5: others); z (n, r)."""
+    z, H, W_s, f = z.detach().double(), H.detach().double(), W_s.detach().double(), AURORA_ACTS[act]
     s = torch.tensor([[sum(aurora_cox_de_boor(float(zi), j, 3) for zi in row) for j in range(8)] for row in z], dtype=torch.float64)
-    return torch.tanh(torch.tanh(z) @ H.T) + s @ W_s.T
+    return f(f(z) @ H.T) + s @ W_s.T
 
 
 def aurora_randomize(m, seed=0):
@@ -925,6 +986,20 @@ def test_aurora_sigma_matches_reference_eq8():
     m = aurora_randomize(AuroRALinear(nn.Linear(16, 8), r=3))
     z = torch.randn(40, 3) * 1.5
     torch.testing.assert_close(m.sigma(z).double(), aurora_sigma_ref(z, m.H, m.W_s), rtol=1e-5, atol=1e-5)
+
+
+def test_aurora_fixed_activation_variants_of_table5():
+    """AuroRA-lr / AuroRA-sm: LeakyReLU / Sigmoid in place of tanh in F(z) = act(H act(z)), against float64."""
+    z = torch.randn(40, 3) * 1.5
+    sigmas = {}
+    for act in ("tanh", "leaky_relu", "sigmoid"):
+        m = aurora_randomize(AuroRALinear(nn.Linear(16, 8), r=3, fixed_activation=act))
+        assert m.fixed_activation == act and f"fixed_activation={act}" in repr(m)
+        sigmas[act] = m.sigma(z).double()
+        torch.testing.assert_close(sigmas[act], aurora_sigma_ref(z, m.H, m.W_s, act), rtol=1e-5, atol=1e-5)
+    # same seed, same H and W_s: only the activation differs, and it changes sigma
+    assert (sigmas["tanh"] - sigmas["leaky_relu"]).abs().max() > 0.1
+    assert (sigmas["tanh"] - sigmas["sigmoid"]).abs().max() > 0.1
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
@@ -1065,6 +1140,7 @@ def test_aurora_state_dict_roundtrip():
 @pytest.mark.parametrize("kw, word", [
     (dict(mode="kan"), "mode"), (dict(r=0), "r="), (dict(r=9), "r="), (dict(r=2.0), "r="),
     (dict(dropout=1.0), "dropout"), (dict(fixed=False, learnable=False), "fixed"),
+    (dict(fixed_activation="relu"), "fixed_activation='relu'.*tanh, leaky_relu, sigmoid"),
 ])
 def test_aurora_bad_arguments(kw, word):
     with pytest.raises(ValueError, match=word):
@@ -1365,10 +1441,48 @@ def test_ranlora_bfloat16_base_keeps_its_dtype_adapter_stays_float32():
 
 
 @pytest.mark.parametrize("kwargs,word", [(dict(r=0), "r=0"), (dict(r=17), "r=17"), (dict(dropout=1.0), "dropout"),
-                                         (dict(activation="swish"), "gelu, relu, tanh, identity")])
+                                         (dict(activation="swish"), "gelu, relu, tanh, identity"),
+                                         (dict(init="pissa"), "init='pissa'.*residual.*kaiming")])
 def test_ranlora_bad_arguments_raise_value_error(kwargs, word):
     with pytest.raises(ValueError, match=word):
         RanLoRALinear(ranlora_linear(16, 24), **kwargs)
+
+
+def test_ranlora_without_modulation_has_no_v_and_computes_eq8_without_it():
+    """Table 6 "w/o v": h = W_P x + s B GELU(A x), r(in + out) parameters, checked against float64."""
+    base = ranlora_spaced_linear(32, 48)
+    a = RanLoRALinear(base, modulation=False)
+    assert a.v is None and {k for k, p in a.named_parameters() if p.requires_grad} == {"A", "B"}
+    assert ranlora_n_trainable(a) == 2 * (32 + 48) and "v" not in a.state_dict()
+    with torch.no_grad():
+        a.A.mul_(3.0)  # move A off its init, so that a v = 1 left in by mistake would still not hide
+    x = torch.randn(10, 48)
+    z = x.double() @ a.A.double().T
+    want = x.double() @ a.base.weight.double().T + a.base.bias.double() + 2.0 * ranlora_gelu64(z) @ a.B.double().T
+    assert (a(x).double() - want).abs().max() <= 1e-5 * want.abs().max()
+    ident = RanLoRALinear(ranlora_linear(16, 24), activation="identity", modulation=False)
+    torch.testing.assert_close(ident.merged()(x[:, :24]), ident(x[:, :24]), rtol=1e-5, atol=1e-5)
+
+
+def test_ranlora_kaiming_init_is_lora_init_on_the_untouched_base():
+    """Table 6 "w/o rai": no SVD; A Kaiming-uniform, B = 0, the base keeps W0 bit for bit, so the layer starts
+    exactly at the pretrained one even with GELU."""
+    base = ranlora_spaced_linear(40, 64)
+    W0 = base.weight.detach().clone()
+    torch.manual_seed(0)
+    a = RanLoRALinear(base, init="kaiming")
+    assert torch.equal(a.base.weight, W0) and torch.equal(base.weight, W0) and not a.base.weight.requires_grad
+    assert torch.equal(a.B, torch.zeros(40, 2)) and torch.equal(a.v, torch.ones(2))
+    bound = 1 / math.sqrt(64)  # kaiming_uniform_(a=√5) on fan_in = 64: U(-1/√64, 1/√64), as LoRA's A
+    assert a.A.abs().max() <= bound and a.A.std() > 0.8 * bound / math.sqrt(3)
+    residual = RanLoRALinear(base)  # the default starts A on the smallest singular directions instead
+    assert (ranlora_projector(a.A.T) - ranlora_projector(residual.A.T)).abs().max() > 0.1
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        assert torch.equal(a(x), base(x)) and a.init_gap(x).abs().max() == 0
+    loss = a(x).pow(2).sum()
+    loss.backward()
+    assert a.B.grad.abs().max() > 0 and a.A.grad.abs().max() == 0  # LoRA's gradient flow: B first
 
 
 def test_ranlora_self_contained_copy_trains_in_an_empty_folder(tmp_path):
