@@ -49,7 +49,8 @@ class LoRALinear(nn.Module):
         return self.base(x) + F.linear(F.linear(self.dropout(x), self.A.to(dt)), (self.scale * self.B).to(dt))
 
     def delta_weight(self) -> torch.Tensor:
-        return self.scale * (self.B @ self.A)  # dW = (alpha / r) B A, float32
+        with torch.autocast(self.A.device.type, enabled=False):  # float32 also when called under autocast
+            return self.scale * (self.B @ self.A)  # dW = (alpha / r) B A, float32
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
