@@ -46,7 +46,7 @@ def smallest_singular_triplets(W: torch.Tensor, r: int):
         # torch has no partial SVD, but the smaller Gram matrix has the same small end, M^T M = V S^2 V^T, and
         # its eigh is faster (one CPU thread: 1.7-4x). Formed in float64 because squaring the spectrum in
         # float32 loses its small end (wrong directions on a trained-like spectrum); in float64, sin θ ~1e-10
-        # to a float64 SVD (float32 SVD: ~1e-4). Not the spec's "SVD in float32": same triplets, more accurate
+        # to a float64 SVD (a float32 SVD: ~1e-4): the same triplets as an SVD of W0, more accurate
         tall = W.shape[0] >= W.shape[1]
         M = W.double() if tall else W.double().T  # (large x small)
         lam, V = torch.linalg.eigh(M.T @ M)  # eigenvalues ascending
