@@ -78,7 +78,8 @@ class RanLoRALinear(nn.Module):
         if init not in ("residual", "kaiming"):
             raise ValueError(f"init={init!r}: choose 'residual' (the paper's SVD init, §3.2) or 'kaiming' (Table 6 'w/o rai')")
         self.alpha = 2 * r if alpha is None else alpha  # alpha = 2r: s = 2 at every rank (App. C.3, Tables 12, 15)
-        self.r, self.scale, self.activation, self.modulation, self.init = r, self.alpha / r, activation, bool(modulation), init
+        self.r, self.scale, self.activation = r, self.alpha / r, activation
+        self.modulation, self.init = bool(modulation), init
         self.exact_merge = activation == "identity"  # identity: h = (W_P + s B diag(v) A) x, a plain linear map
 
         W0 = base.weight.detach().float()
@@ -95,20 +96,20 @@ class RanLoRALinear(nn.Module):
             root = (S_r / self.scale).clamp_min(0).sqrt()  # scale-aware Eq. 7: s * B A = U_r S_r V_r^T
             B, A = U_r * root, root[:, None] * Vh_r  # (out x r), (r x in), Eq. 7
         else:  # Table 6 "w/o rai": A Kaiming-uniform, B = 0, as LoRA (and AuroRA); the base keeps W0
-            W_P, B, A = W0, torch.zeros(m, r, device=W0.device, dtype=torch.float32), torch.empty(r, n, device=W0.device, dtype=torch.float32)
+            W_P, B, A = W0, W0.new_zeros(m, r), W0.new_empty(r, n)  # float32, on the weight's device
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # not specified by the paper: a = √5, as LoRA and nn.Linear
         # not specified by the paper: W_P goes into a NEW frozen Linear (base dtype, bias copied); the
         # caller's layer is left untouched, so it can still serve as the reference "base" model
         self.base = torch.nn.utils.skip_init(nn.Linear, n, m, bias=base.bias is not None, device=W0.device, dtype=base.weight.dtype)
         with torch.no_grad():
-            self.base.weight.copy_(W_P)  # Eq. 4 / 6, cast once to the base dtype
+            self.base.weight.copy_(W_P)  # Eq. 4 / 6 (W0 itself for init="kaiming"), cast once to the base dtype
             if base.bias is not None:
                 self.base.bias.copy_(base.bias)
         self.base.requires_grad_(False)
         # adapter parameters live in float32 whatever the base dtype: Adam on bf16 factors loses updates
         self.B, self.A = nn.Parameter(B), nn.Parameter(A)
         # not specified by the paper: v = 1. modulation=False is Table 6's "w/o v": no v at all
-        self.v = nn.Parameter(torch.ones(r, device=W0.device, dtype=torch.float32)) if modulation else None
+        self.v = nn.Parameter(W0.new_ones(r)) if modulation else None
         self.act = ACTIVATIONS[activation]()
         # not specified by the paper: where dropout goes; as LoRA, on the adapter path's input
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
