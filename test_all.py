@@ -1545,7 +1545,7 @@ def adapter_randomize_(m, seed=0, std=0.5):
     """Every trainable parameter nonzero and random (B included), so no path of the adapter hides behind a zero."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in m.named_parameters():
+        for p in m.parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
         if getattr(m, "freeze_latents", False):  # frozen latents still need values that make B nonzero
@@ -1628,7 +1628,6 @@ def test_adapter_small_tensor_math_runs_in_float32_under_autocast(name, cls, kw)
         expected = ({m.activation} - {"identity"}) | ({"mul"} if m.modulation else set())
     else:
         expected = {"mul"}  # LoRA: scale * B
-
     assert expected <= ran_in_float32, (expected - ran_in_float32)  # the small math did run, in float32
     if m.exact_merge or cls is AuroRALinear:  # delta_weight() exists: float32 too when called under autocast
         with torch.autocast("cpu", dtype=torch.bfloat16), RecordOps() as rec:
