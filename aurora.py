@@ -1,4 +1,5 @@
-"""AuroRA: Breaking Low-Rank Bottleneck of LoRA with Nonlinear Mapping (Dong et al., 2025).
+"""AuroRA: "AuroRA: Breaking Low-Rank Bottleneck of LoRA with Nonlinear Mapping"
+(Dong, Zhu, Song and Wang, 2025; arXiv:2505.18738).
 
 AuroRA puts an Adaptive Nonlinear Layer (ANL) sigma between LoRA's two projectors:
 
@@ -8,6 +9,10 @@ AuroRA puts an Adaptive Nonlinear Layer (ANL) sigma between LoRA's two projector
     L(z) = W_s s(z),  s(z) = sum_i Bspline(z_i) in R^8               (Eq. 7)
     sigma(z) = tanh(H tanh(z)) + W_s sum_i Bspline(z_i)              (Eq. 8)
 
+Scale: scale = alpha / r with alpha = 2r, so scale = 2 at every rank: App. G sets r = 2 and
+"correspondingly" alpha = 4, and the RanLoRA paper runs AuroRA at r = 2..16 with alpha = 2r
+(its Tables 12, 15). alpha=None means 2r; an explicit alpha still wins.
+
 A (r x in) is Kaiming-uniform and B (out x r) zero, so the wrapped layer equals the base layer
 at initialization. The ANL adds r^2 + 8r scalars per module (H and W_s): 20 at the paper's r = 2.
 
@@ -16,8 +21,11 @@ each column of A, and runs h = W0 x + B sigma(A) x (Eq. 9). For the paper's defa
 mode="dynamic" (train on B sigma(A x)) that merge is NOT exact, because sigma(A x) != sigma(A) x
 for a nonlinear sigma: exact_merge is False and delta_weight() returns the paper's merge.
 mode="static" (the paper's AuroRA-S, Table 7) trains on B sigma(A) x itself and merges exactly.
-The Table 4 ablations drop a part: fixed=False (w/o F, no H), learnable=False (w/o L, no W_s).
+The ablations: fixed=False (w/o F, no H) and learnable=False (w/o L, no W_s) (Table 4);
+fixed_activation="leaky_relu" (AuroRA-lr) or "sigmoid" (AuroRA-sm) in place of tanh in F (Table 5).
 
+sigma and B sigma(A) run in float32 (in the input's dtype if that is wider, e.g. float64), also
+under autocast; only the x-sized matmuls run in the activations' dtype.
 This file imports only torch and can be copied alone into another project.
 """
 import math
@@ -30,6 +38,8 @@ import torch.nn.functional as F
 # intervals on [-1, 1], the knots extended by 3 on each side -> 5 + 3 = 8 basis functions
 GRID_LO, GRID_HI, INTERVALS = -1.0, 1.0, 5
 NUM_BASIS = INTERVALS + 3
+# F(z) = act(H act(z)) (Eq. 6; Table 5). not specified by the paper: LeakyReLU's slope, torch's default 0.01
+FIXED_ACTIVATIONS = {"tanh": torch.tanh, "leaky_relu": F.leaky_relu, "sigmoid": torch.sigmoid}
 
 
 def bspline(z: torch.Tensor) -> torch.Tensor:
@@ -50,8 +60,8 @@ def bspline(z: torch.Tensor) -> torch.Tensor:
 class AuroRALinear(nn.Module):
     exact_merge: bool  # set per instance: True for mode="static", False for mode="dynamic"
 
-    def __init__(self, base: nn.Linear, r: int = 2, alpha: float = 4, dropout: float = 0.0,
-                 mode: str = "dynamic", fixed: bool = True, learnable: bool = True):
+    def __init__(self, base: nn.Linear, r: int = 2, alpha: float = None, dropout: float = 0.0,
+                 mode: str = "dynamic", fixed: bool = True, learnable: bool = True, fixed_activation: str = "tanh"):
         super().__init__()
         if not isinstance(r, int) or r < 1 or r > min(base.in_features, base.out_features):
             raise ValueError(f"r={r!r}: the rank must be an integer in [1, {min(base.in_features, base.out_features)}]")
@@ -61,9 +71,13 @@ class AuroRALinear(nn.Module):
             raise ValueError(f"mode={mode!r}: choose 'dynamic' (train on B sigma(Ax)) or 'static' (train on B sigma(A) x)")
         if not (fixed or learnable):
             raise ValueError("fixed=False, learnable=False: sigma would be 0; keep at least one part of the ANL")
+        if fixed_activation not in FIXED_ACTIVATIONS:
+            raise ValueError(f"fixed_activation={fixed_activation!r}: choose from {', '.join(FIXED_ACTIVATIONS)} (Table 5)")
         self.base = base.requires_grad_(False)  # W0 (and its bias) stay frozen
-        self.r, self.alpha, self.scale = r, alpha, alpha / r  # App. G: r = 2, alpha = 4
+        self.alpha = 2 * r if alpha is None else alpha  # App. G: r = 2, alpha = 4; scale 2 at every rank
+        self.r, self.scale = r, self.alpha / r
         self.mode, self.fixed, self.learnable = mode, bool(fixed), bool(learnable)
+        self.fixed_activation, self.act = fixed_activation, FIXED_ACTIVATIONS[fixed_activation]
         self.exact_merge = mode == "static"  # the static form is linear in x, the dynamic one is not
         # adapter parameters live in float32 whatever the base dtype: Adam on bf16 factors loses updates
         kw = dict(device=base.weight.device, dtype=torch.float32)
@@ -79,29 +93,31 @@ class AuroRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def sigma(self, z: torch.Tensor) -> torch.Tensor:
-        """The ANL on the last axis of z (..., r) -> (..., r)."""
-        # F(z) = tanh(H tanh(z)), Eq. 6; dropped for the Table 4 ablation "w/o F"
-        F_z = torch.tanh(F.linear(torch.tanh(z), self.H)) if self.fixed else 0.0
-        # L(z) = W_s s(z), Eq. 7; dropped for "w/o L". not specified by the paper: s(z) sums the
-        # r channels' 8 basis values (as Eq. 7 writes it), W_s gives each output channel its own mix
-        L_z = F.linear(bspline(z).sum(-2), self.W_s) if self.learnable else 0.0
-        return F_z + L_z  # sigma(z) = F(z) + L(z), Eqs. 5 and 8
+        """The ANL on the last axis of z (..., r) -> (..., r), in z's dtype (autocast off)."""
+        with torch.autocast(z.device.type, enabled=False):
+            # F(z) = act(H act(z)), Eq. 6 with tanh (Table 5: LeakyReLU, Sigmoid); dropped for "w/o F" (Table 4)
+            F_z = self.act(F.linear(self.act(z), self.H.to(z.dtype))) if self.fixed else 0.0
+            # L(z) = W_s s(z), Eq. 7; dropped for "w/o L". not specified by the paper: s(z) sums the
+            # r channels' 8 basis values (as Eq. 7 writes it), W_s gives each output channel its own mix
+            L_z = F.linear(bspline(z).sum(-2), self.W_s.to(z.dtype)) if self.learnable else 0.0
+            return F_z + L_z  # sigma(z) = F(z) + L(z), Eqs. 5 and 8
 
     def forward(self, x):
         # the x-sized matmuls run in the activations' dtype (float32 factors cast down, as autocast would);
-        # sigma acts on the small (..., r) tensor in float32
-        x_, dt = self.dropout(x), x.dtype
+        # sigma acts on the small (..., r) tensor in float32, or in x's dtype if wider
+        x_, dt, ct = self.dropout(x), x.dtype, torch.promote_types(x.dtype, torch.float32)
         if self.mode == "dynamic":
-            u = self.sigma(F.linear(x_, self.A.to(dt)).float())  # sigma(A x): input-dependent, Eq. 4
+            u = self.sigma(F.linear(x_, self.A.to(dt)).to(ct))  # sigma(A x): input-dependent, Eq. 4
         else:
-            u = F.linear(x_, self.sigma(self.A.T).T.to(dt))  # sigma(A) x: sigma on each column of A, Eq. 9
+            u = F.linear(x_, self.sigma(self.A.T.to(ct)).T.to(dt))  # sigma(A) x: sigma on each column of A, Eq. 9
         return self.base(x) + F.linear(u.to(dt), (self.scale * self.B).to(dt))
 
     def delta_weight(self) -> torch.Tensor:
         # dW = scale * B sigma(A), Eq. 3: exact for mode="static"; for "dynamic" it is the paper's
         # static inference form (App. B.1), an approximation of B sigma(A x): see exact_merge.
         # Note sigma(0) = W_s s(0) != 0, so this dW carries the rank-one term B sigma(0) 1^T
-        return self.scale * (self.B @ self.sigma(self.A.T).T)
+        with torch.autocast(self.A.device.type, enabled=False):  # float32 also when called under autocast
+            return self.scale * (self.B @ self.sigma(self.A.T).T)
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
@@ -115,4 +131,4 @@ class AuroRALinear(nn.Module):
 
     def extra_repr(self):
         return (f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}, mode={self.mode}, "
-                f"fixed={self.fixed}, learnable={self.learnable}")
+                f"fixed={self.fixed}, learnable={self.learnable}, fixed_activation={self.fixed_activation}")

@@ -1,5 +1,5 @@
-"""GenLoRA: Nonlinearity as Rank: Generative Low-Rank Adapters with Radial Basis Functions
-(Ouyang et al., 2025).
+"""GenLoRA: "Nonlinearity as Rank: Generative Low-Rank Adapter with Radial Basis Functions"
+(Ouyang, Li, Wang, Luo, Hu, Song, Qin, Li and Li, 2026; arXiv:2602.05709).
 
 LoRA stores its r basis vectors explicitly, r(m + n) numbers. GenLoRA keeps one latent
 vector per factor, z_B (m) and z_A (n), and *generates* the basis vectors from them with r
@@ -7,7 +7,10 @@ pairs of small RBF generators (§3.1):
 
     b_i = f^B_i(z_B; θ^B_i),   a_i = f^A_i(z_A; θ^A_i)                       (Eq. 2)
     B = [b_1, ..., b_r],   A = [a_1, ..., a_r]^T                             (Eq. 3)
-    ΔW = scale · B A = scale · Σ_i b_i a_i^T,   h = W0 x + ΔW x              (Eq. 4)
+    ΔW = B A = Σ_i b_i a_i^T,   h = W0 x + ΔW x                              (Eq. 4)
+
+Scale: Eq. 4 has no factor, so alpha=None means alpha = r: scale = alpha / r = 1 at every rank.
+An explicit alpha gives scale = alpha / r, as LoRA.
 
 A generator splits its latent z into G sub-vectors x_g of length d_g = d / G and maps each
 with its own scalar function (§3.2-3.3):
@@ -24,6 +27,13 @@ m + n + 2 r G (1 + K) trainable numbers per layer, not r(m + n). rank(ΔW) ≤ r
 z_B = 0 and θ_B = 0, so B = 0 and ΔW = 0. The nonlinearity acts on parameters, not on
 activations, so ΔW merges exactly into W0 (App. E).
 
+groups=None is the paper's G = 16 where that leaves >= 2 entries per group of both latents, else
+the largest G that divides in_features and out_features and does (1 for an 8 -> 3 layer).
+The paper's ablations: freeze_latents=True trains only the generators (Table 7, "Frozen Z_A, Z_B");
+normalize=False drops Eq. 6, x̂_g = x_g (Table 4, "w.o. Norm").
+
+The generators run in float32 (in the input's dtype if that is wider, e.g. float64), also under
+autocast; only the two x-sized matmuls run in the activations' dtype.
 This file imports only torch and can be copied alone into another project.
 """
 import math
@@ -36,15 +46,18 @@ import torch.nn.functional as F
 class GenLoRALinear(nn.Module):
     exact_merge = True  # B and A are fixed matrices once trained: merged() reproduces forward()
     eps = 1e-5  # ε of Eq. 6 (not specified by the paper: its value)
+    paper_groups = 16  # G of the paper's main setting (App. I.3)
 
-    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 8, dropout: float = 0.0,
-                 groups: int = 16, num_centers: int = 15):
+    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = None, dropout: float = 0.0,
+                 groups: int = None, num_centers: int = 15, freeze_latents: bool = False, normalize: bool = True):
         super().__init__()
         m, n = base.out_features, base.in_features
         if not isinstance(r, int) or r < 1:
             raise ValueError(f"r={r!r}: the rank (number of generator pairs) must be an integer >= 1")
         # not specified by the paper: >= 2 entries per group, else Eq. 6 maps every entry to 0
         valid = [g for g in range(1, math.gcd(m, n) + 1) if m % g == n % g == 0 and min(m, n) // g >= 2]
+        if groups is None and valid:  # the paper's 16 where it fits this layer, else the largest count that does
+            groups = self.paper_groups if self.paper_groups in valid else valid[-1]
         if not isinstance(groups, int) or groups not in valid:
             raise ValueError(f"groups={groups!r}: must divide in_features={n} and out_features={m} leaving "
                              f">= 2 entries per group; valid: {valid}")
@@ -53,12 +66,14 @@ class GenLoRALinear(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout!r}: must be in [0, 1)")
         self.base = base.requires_grad_(False)  # W0 (and its bias) stay frozen
-        self.r, self.alpha, self.scale = r, alpha, alpha / r
+        self.alpha = r if alpha is None else alpha  # Eq. 4: ΔW = B A, scale 1 at every rank
+        self.r, self.scale = r, self.alpha / r
         self.groups, self.num_centers = groups, num_centers
+        self.freeze_latents, self.normalize = bool(freeze_latents), bool(normalize)
         # adapter parameters live in float32 whatever the base dtype: Adam on bf16 weights loses updates
         kw = dict(device=base.weight.device, dtype=torch.float32)
-        self.z_B = nn.Parameter(torch.zeros(m, **kw))  # latent of B, zero (App. I.3)
-        self.z_A = nn.Parameter(torch.empty(n, **kw))  # latent of A
+        self.z_B = nn.Parameter(torch.zeros(m, **kw), requires_grad=not freeze_latents)  # latent of B, zero (App. I.3)
+        self.z_A = nn.Parameter(torch.empty(n, **kw), requires_grad=not freeze_latents)  # latent of A
         # not specified by the paper: Kaiming's a=√5 and fan_in = n (z_A as a 1×n matrix), as LoRA's A
         nn.init.kaiming_uniform_(self.z_A.view(1, n), a=math.sqrt(5))
         # θ[g, :, i] = (w_b, w_1, ..., w_K) of φ_{i,g} (Eqs. 7, 9), laid out (G, 1+K, r) so that Eq. 5 is one
@@ -69,18 +84,25 @@ class GenLoRALinear(nn.Module):
         self.h = 6.0 / (num_centers - 1)  # bandwidth = grid spacing (App. I.3)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def generate(self, z: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        """All r generators on one latent z (d,): the (d, r) matrix whose column i is f_i(z)."""
-        # Eqs. 5-6: split z into G groups, normalize each by its own mean and deviation: GroupNorm of one
-        # sample, one fused kernel. Its ε sits inside the root, (x - μ)/sqrt(σ² + ε²): Eq. 6's (x - μ)/(σ + ε)
-        # up to O(ε/σ), with a finite gradient at σ = 0 (z_B = 0 at init), where d√var/dvar is infinite and a
-        # hand-written √var gives NaN. Not specified by the paper: population σ (as InstanceNorm, Alg. 1)
-        x_hat = F.group_norm(z[None], self.groups, eps=self.eps ** 2).view(self.groups, -1)  # (G, d_g)
-        # Eqs. 7-8: the responses SiLU(x̂) and φ_1..φ_K(x̂) are computed once, shared by all r generators
-        rbf = torch.exp(-((x_hat[..., None] - self.mu) / self.h) ** 2)  # (G, d_g, K)       Eq. 8
-        basis = torch.cat([F.silu(x_hat)[..., None], rbf], dim=-1)  # (G, d_g, 1 + K)
-        # Eqs. 7, 9 and 5: φ_{i,g} = w_b SiLU(x̂_g) + Σ_k w_k φ_k(x̂_g), groups concatenated along d
-        return torch.bmm(basis, theta).view(z.shape[0], self.r)  # (G, d_g, r) -> (d, r)
+    def generate(self, z: torch.Tensor, theta: torch.Tensor, dtype=None) -> torch.Tensor:
+        """All r generators on one latent z (d,): the (d, r) matrix whose column i is f_i(z), computed in dtype
+        (default: the parameters' dtype) with autocast off."""
+        dtype = dtype or z.dtype
+        z, theta, mu = z.to(dtype), theta.to(dtype), self.mu.to(dtype)
+        with torch.autocast(z.device.type, enabled=False):  # the parameter-side math stays in dtype under autocast
+            if self.normalize:
+                # Eqs. 5-6: split z into G groups, normalize each by its own mean and deviation: GroupNorm of one
+                # sample, one fused kernel. Its ε sits inside the root, (x - μ)/sqrt(σ² + ε²): Eq. 6's (x - μ)/(σ + ε)
+                # up to O(ε/σ), with a finite gradient at σ = 0 (z_B = 0 at init), where d√var/dvar is infinite and
+                # a hand-written √var gives NaN. Not specified by the paper: population σ (as InstanceNorm, Alg. 1)
+                x_hat = F.group_norm(z[None], self.groups, eps=self.eps ** 2).view(self.groups, -1)  # (G, d_g)
+            else:
+                x_hat = z.view(self.groups, -1)  # Table 4 "w.o. Norm": Eq. 5's groups, Eq. 6 dropped
+            # Eqs. 7-8: the responses SiLU(x̂) and φ_1..φ_K(x̂) are computed once, shared by all r generators
+            rbf = torch.exp(-((x_hat[..., None] - mu) / self.h) ** 2)  # (G, d_g, K)       Eq. 8
+            basis = torch.cat([F.silu(x_hat)[..., None], rbf], dim=-1)  # (G, d_g, 1 + K)
+            # Eqs. 7, 9 and 5: φ_{i,g} = w_b SiLU(x̂_g) + Σ_k w_k φ_k(x̂_g), groups concatenated along d
+            return torch.bmm(basis, theta).view(z.shape[0], self.r)  # (G, d_g, r) -> (d, r)
 
     @property
     def B(self) -> torch.Tensor:
@@ -91,15 +113,17 @@ class GenLoRALinear(nn.Module):
         return self.generate(self.z_A, self.theta_A).T  # (r, in), row i = a_i      Eqs. 2-3
 
     def forward(self, x):
-        # x -> A -> B: two thin matmuls, the (out x in) update is never built. The generators run in float32;
-        # the small generated A and (scale · B) are cast to the activations' dtype, as autocast would, so the
-        # x-sized matmuls run there: a float32 copy of x per adapter cost more than GenLoRA itself
-        # (bench.py, H100, bf16 LLaMA-1B: 437 -> 339 ms/step, 68.4 -> 54.4 GiB peak)
-        dt = x.dtype
-        return self.base(x) + F.linear(F.linear(self.dropout(x), self.A.to(dt)), (self.scale * self.B).to(dt))  # Eq. 4
+        # x -> A -> B: two thin matmuls, the (out x in) update is never built. The generators run in float32
+        # (or x's dtype if wider); the small generated A and (scale · B) are cast to the activations' dtype, as
+        # autocast would, so the x-sized matmuls run there: a float32 copy of x per adapter cost more than GenLoRA
+        # itself (bench.py, H100, bf16 LLaMA-1B: 437 -> 339 ms/step, 68.4 -> 54.4 GiB peak)
+        dt, ct = x.dtype, torch.promote_types(x.dtype, torch.float32)
+        A, sB = self.generate(self.z_A, self.theta_A, ct).T, self.scale * self.generate(self.z_B, self.theta_B, ct)
+        return self.base(x) + F.linear(F.linear(self.dropout(x), A.to(dt)), sB.to(dt))  # Eq. 4
 
     def delta_weight(self) -> torch.Tensor:
-        return self.scale * (self.B @ self.A)  # ΔW = scale · B A (Eq. 4), float32
+        with torch.autocast(self.z_A.device.type, enabled=False):  # float32 also when called under autocast
+            return self.scale * (self.B @ self.A)  # ΔW = scale · B A (Eq. 4), float32
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
@@ -113,4 +137,4 @@ class GenLoRALinear(nn.Module):
 
     def extra_repr(self):
         return (f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}, groups={self.groups}, "
-                f"num_centers={self.num_centers}")
+                f"num_centers={self.num_centers}, freeze_latents={self.freeze_latents}, normalize={self.normalize}")

@@ -1,9 +1,14 @@
-"""LoRA: Low-Rank Adaptation of Large Language Models (Hu et al., 2021).
+"""LoRA: "LoRA: Low-Rank Adaptation of Large Language Models" (Hu, Shen, Wallis, Allen-Zhu, Li,
+Wang, Wang and Chen, 2021; arXiv:2106.09685).
 
 The baseline every nonlinear variant in this repository is compared against.
 A frozen linear layer W0 gets a trainable low-rank update:
 
-    h = W0 x + (alpha / r) * B A dropout(x)              (LoRA, Eq. 3)
+    h = W0 x + (alpha / r) * B A dropout(x)              (Eq. 3, scaled as in §4.1)
+
+Scale: alpha is a constant in r (§4.1: "we simply set α to the first r we try and do not tune it"),
+so scale = alpha / r falls as r grows: alpha = 16 gives 2 at r = 8 and 1 at r = 16.
+r may exceed min(in, out), as in HF PEFT: the defaults fit any layer, and rank(dW) <= min(r, in, out).
 
 A (r x in) starts Kaiming-uniform, B (out x r) starts at zero, so the wrapped
 layer equals the base layer at initialization. The update lives in weight space,
@@ -23,12 +28,12 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0):
         super().__init__()
-        if not isinstance(r, int) or r < 1 or r > min(base.in_features, base.out_features):
-            raise ValueError(f"r={r!r}: the rank must be an integer in [1, {min(base.in_features, base.out_features)}]")
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"r={r!r}: the rank must be an integer >= 1")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout!r}: must be in [0, 1)")
         self.base = base.requires_grad_(False)  # W0 (and its bias) stay frozen
-        self.r, self.alpha, self.scale = r, alpha, alpha / r
+        self.r, self.alpha, self.scale = r, alpha, alpha / r  # §4.1: alpha constant in r
         # adapter parameters live in float32 whatever the base dtype: Adam on bf16 factors loses updates
         kw = dict(device=base.weight.device, dtype=torch.float32)
         self.A = nn.Parameter(torch.empty(r, base.in_features, **kw))
@@ -44,7 +49,8 @@ class LoRALinear(nn.Module):
         return self.base(x) + F.linear(F.linear(self.dropout(x), self.A.to(dt)), (self.scale * self.B).to(dt))
 
     def delta_weight(self) -> torch.Tensor:
-        return self.scale * (self.B @ self.A)  # dW = (alpha / r) B A, float32
+        with torch.autocast(self.A.device.type, enabled=False):  # float32 also when called under autocast
+            return self.scale * (self.B @ self.A)  # dW = (alpha / r) B A, float32
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:

@@ -1,4 +1,5 @@
-"""RanLoRA: Residual-aware Nonlinear Low-Rank Adaptation (ranlora.md, §3).
+"""RanLoRA: "RanLoRA: Residual-aware Nonlinear Low-Rank Adaptation" (Xu Luo, Yongbin Liu,
+Chunping Ouyang and Ying Yu, 2026; ACL Anthology), §3.
 
 Residual-aware initialization (§3.2). The pretrained weight is split by its SVD
 
@@ -11,17 +12,23 @@ Architecture (§3.3): a nonlinearity and a learnable modulation vector v in the 
 
     h = W_P x + s * B (v ⊙ GELU(A x))                                    (Eq. 8)
 
-with s = alpha / r (alpha = 2r: s = 2, App. C.3). Trainable: A, B, v, i.e. r(in + out) + r
-scalars (§3.5). GELU is the paper's choice; ReLU and Tanh are its Table 7, and
-activation="identity" is its "w/o act" ablation (Table 6).
+with s = alpha / r. Scale: alpha = 2r at every rank (Tables 12, 15: alpha = 2r̂ for r̂ = 2..16),
+so s = 2 (App. C.3); alpha=None means 2r, an explicit alpha still wins. Trainable: A, B, v, i.e.
+r(in + out) + r scalars (§3.5). GELU is the paper's choice; ReLU and Tanh are its Table 7, and
+activation="identity" is its "w/o act" ablation (Table 6). Table 6's other ablations:
+modulation=False ("w/o v": no v, h = W_P x + s B GELU(A x)) and init="kaiming" ("w/o rai": no SVD,
+A Kaiming-uniform, B = 0, the base W0 kept as it is, as LoRA; the layer then starts as the base).
 
 At init the layer is NOT exactly the pretrained one: it computes W0 x + s B (GELU(A x) - A x).
 init_gap(x) returns that difference. GELU acts on the activations A x, so there is no
 weight-space update to merge: exact_merge is False and delta_weight() raises. With
 activation="identity", dW = s B diag(v) A on top of W_P merges exactly.
 
+A x -> GELU -> v runs in float32 (in the input's dtype if that is wider, e.g. float64), also under
+autocast; only the x-sized matmuls run in the activations' dtype.
 This file imports only torch and the standard library and can be copied alone into another project.
 """
+import math
 import warnings
 
 import torch
@@ -39,7 +46,7 @@ def smallest_singular_triplets(W: torch.Tensor, r: int):
         # torch has no partial SVD, but the smaller Gram matrix has the same small end, M^T M = V S^2 V^T, and
         # its eigh is faster (one CPU thread: 1.7-4x). Formed in float64 because squaring the spectrum in
         # float32 loses its small end (wrong directions on a trained-like spectrum); in float64, sin θ ~1e-10
-        # to a float64 SVD (float32 SVD: ~1e-4). Not the spec's "SVD in float32": same triplets, more accurate
+        # to a float64 SVD (a float32 SVD: ~1e-4): the same triplets as an SVD of W0, more accurate
         tall = W.shape[0] >= W.shape[1]
         M = W.double() if tall else W.double().T  # (large x small)
         lam, V = torch.linalg.eigh(M.T @ M)  # eigenvalues ascending
@@ -58,7 +65,8 @@ def smallest_singular_triplets(W: torch.Tensor, r: int):
 class RanLoRALinear(nn.Module):
     exact_merge = False  # for the default GELU; each instance sets it from its activation
 
-    def __init__(self, base: nn.Linear, r: int = 2, alpha: float = 4, dropout: float = 0.0, activation: str = "gelu"):
+    def __init__(self, base: nn.Linear, r: int = 2, alpha: float = None, dropout: float = 0.0, activation: str = "gelu",
+                 modulation: bool = True, init: str = "residual"):
         super().__init__()
         m, n = base.out_features, base.in_features
         if not isinstance(r, int) or r < 1 or r > min(m, n):
@@ -67,56 +75,68 @@ class RanLoRALinear(nn.Module):
             raise ValueError(f"dropout={dropout!r}: must be in [0, 1)")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation={activation!r}: unknown activation (choose from {', '.join(ACTIVATIONS)})")
-        self.r, self.alpha, self.scale, self.activation = r, alpha, alpha / r, activation
+        if init not in ("residual", "kaiming"):
+            raise ValueError(f"init={init!r}: choose 'residual' (the paper's SVD init, §3.2) or 'kaiming' (Table 6 'w/o rai')")
+        self.alpha = 2 * r if alpha is None else alpha  # alpha = 2r: s = 2 at every rank (App. C.3, Tables 12, 15)
+        self.r, self.scale, self.activation = r, self.alpha / r, activation
+        self.modulation, self.init = bool(modulation), init
         self.exact_merge = activation == "identity"  # identity: h = (W_P + s B diag(v) A) x, a plain linear map
 
-        # residual-aware initialization (§3.2), where the weight lives (GPU when there is one)
         W0 = base.weight.detach().float()
-        U_r, S_r, Vh_r, S_max = smallest_singular_triplets(W0, r)  # the r smallest singular triplets (Eq. 5)
-        # not specified by the paper: the sign of each pair (u_i, v_i). GELU is not odd, so the sign changes
-        # the model; make the largest |entry| of each u_i positive so every library and device agree
-        sign = U_r.gather(0, U_r.abs().argmax(0, keepdim=True)).sign()
-        U_r, Vh_r = U_r * sign, Vh_r * sign.T
-        W_R = (U_r * S_r) @ Vh_r  # Eq. 5
-        # W_P is the complement of W_R, so W0 = W_P + W_R holds exactly (Eq. 6); Eq. 4's printed
-        # indices (m = d_out - r - 1) would drop one more triplet
+        if init == "residual":  # residual-aware initialization (§3.2), where the weight lives (GPU when there is one)
+            U_r, S_r, Vh_r, S_max = smallest_singular_triplets(W0, r)  # the r smallest singular triplets (Eq. 5)
+            # not specified by the paper: the sign of each pair (u_i, v_i). GELU is not odd, so the sign changes
+            # the model; make the largest |entry| of each u_i positive so every library and device agree
+            sign = U_r.gather(0, U_r.abs().argmax(0, keepdim=True)).sign()
+            U_r, Vh_r = U_r * sign, Vh_r * sign.T
+            W_R = (U_r * S_r) @ Vh_r  # Eq. 5
+            # W_P is the complement of W_R, so W0 = W_P + W_R holds exactly (Eq. 6); Eq. 4's printed
+            # indices (m = d_out - r - 1) would drop one more triplet
+            W_P = W0 - W_R
+            root = (S_r / self.scale).clamp_min(0).sqrt()  # scale-aware Eq. 7: s * B A = U_r S_r V_r^T
+            B, A = U_r * root, root[:, None] * Vh_r  # (out x r), (r x in), Eq. 7
+        else:  # Table 6 "w/o rai": A Kaiming-uniform, B = 0, as LoRA (and AuroRA); the base keeps W0
+            W_P, B, A = W0, W0.new_zeros(m, r), W0.new_empty(r, n)  # float32, on the weight's device
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # not specified by the paper: a = √5, as LoRA and nn.Linear
         # not specified by the paper: W_P goes into a NEW frozen Linear (base dtype, bias copied); the
         # caller's layer is left untouched, so it can still serve as the reference "base" model
         self.base = torch.nn.utils.skip_init(nn.Linear, n, m, bias=base.bias is not None, device=W0.device, dtype=base.weight.dtype)
         with torch.no_grad():
-            self.base.weight.copy_(W0 - W_R)  # Eq. 4 / 6, cast once to the base dtype
+            self.base.weight.copy_(W_P)  # Eq. 4 / 6 (W0 itself for init="kaiming"), cast once to the base dtype
             if base.bias is not None:
                 self.base.bias.copy_(base.bias)
         self.base.requires_grad_(False)
         # adapter parameters live in float32 whatever the base dtype: Adam on bf16 factors loses updates
-        root = (S_r / self.scale).clamp_min(0).sqrt()  # scale-aware Eq. 7: s * B A = U_r S_r V_r^T
-        self.B = nn.Parameter(U_r * root)  # (out x r), Eq. 7
-        self.A = nn.Parameter(root[:, None] * Vh_r)  # (r x in), Eq. 7
-        self.v = nn.Parameter(torch.ones(r, device=W0.device))  # not specified by the paper: v = 1
+        self.B, self.A = nn.Parameter(B), nn.Parameter(A)
+        # not specified by the paper: v = 1. modulation=False is Table 6's "w/o v": no v at all
+        self.v = nn.Parameter(W0.new_ones(r)) if modulation else None
         self.act = ACTIVATIONS[activation]()
         # not specified by the paper: where dropout goes; as LoRA, on the adapter path's input
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        if W0.device.type != "meta" and S_r.max() <= S_max * max(m, n) ** 0.5 * torch.finfo(torch.float32).eps:
+        if init == "residual" and W0.device.type != "meta" and S_r.max() <= S_max * max(m, n) ** 0.5 * torch.finfo(torch.float32).eps:
             # float32 rounding level: the residual directions are noise, and A = B = 0 would be a stationary point
             warnings.warn(f"RanLoRA: the {r} smallest singular values of this {m}x{n} weight are at rounding level (rank-deficient): "
                           "the residual directions are arbitrary and A, B start at (almost) zero")
 
     def forward(self, x):
-        # the x-sized matmuls run in the activations' dtype (float32 factors cast down, as autocast would),
-        # GELU and v on the small (..., r) tensor in float32; s folded into the small B
-        dt = x.dtype
-        z = F.linear(self.dropout(x), self.A.to(dt)).float()  # A x
-        h = F.linear((self.v * self.act(z)).to(dt), (self.scale * self.B).to(dt))  # s B (v ⊙ GELU(A x))   (Eq. 8)
-        return self.base(x) + h  # W_P x + s B (...)    (Eq. 8)
+        # the x-sized matmuls run in the activations' dtype (float32 factors cast down, as autocast would); GELU and v
+        # on the small (..., r) tensor in float32, or in x's dtype if wider (element-wise: autocast leaves them be);
+        # s folded into the small B
+        dt, ct = x.dtype, torch.promote_types(x.dtype, torch.float32)
+        z = F.linear(self.dropout(x), self.A.to(dt)).to(ct)  # A x
+        u = self.act(z) if self.v is None else self.v.to(ct) * self.act(z)  # v ⊙ GELU(A x)
+        return self.base(x) + F.linear(u.to(dt), (self.scale * self.B).to(dt))  # W_P x + s B (v ⊙ GELU(A x))   (Eq. 8)
 
     @torch.no_grad()
     def init_gap(self, x) -> torch.Tensor:
         """s B (v ⊙ (act(A x) - A x)) in float32: what the nonlinearity adds to the linear residual path.
 
         Before training (v = 1, s B A = W_R) this is exactly forward(x) - W0 x, the gap between the
-        wrapped layer and the pretrained one; it is zero for activation="identity"."""
-        z = F.linear(x.to(self.A.dtype), self.A)
-        return self.scale * F.linear(self.v * (self.act(z) - z), self.B)
+        wrapped layer and the pretrained one; it is zero for activation="identity" and for init="kaiming" (B = 0)."""
+        with torch.autocast(x.device.type, enabled=False):
+            z = F.linear(x.to(self.A.dtype), self.A)
+            u = self.act(z) - z
+            return self.scale * F.linear(u if self.v is None else self.v * u, self.B)
 
     def delta_weight(self) -> torch.Tensor:
         if not self.exact_merge:
@@ -124,7 +144,8 @@ class RanLoRALinear(nn.Module):
                 f"RanLoRA with activation={self.activation!r} has no weight-space update: {self.activation} acts on the "
                 f"activations A x, so B (v ⊙ {self.activation}(A x)) depends on x and equals dW x for no fixed dW; "
                 "the adapter stays at inference (activation='identity', the paper's 'w/o act', merges exactly)")
-        return self.scale * ((self.B * self.v) @ self.A)  # dW = s B diag(v) A on top of W_P, float32
+        with torch.autocast(self.A.device.type, enabled=False):  # float32 also when called under autocast
+            return self.scale * ((self.B if self.v is None else self.B * self.v) @ self.A)  # dW = s B diag(v) A, on W_P
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
@@ -137,4 +158,5 @@ class RanLoRALinear(nn.Module):
         return out.requires_grad_(False)
 
     def extra_repr(self):
-        return f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}, activation={self.activation}"
+        return (f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}, activation={self.activation}, "
+                f"modulation={self.modulation}, init={self.init}")
