@@ -203,8 +203,8 @@ class LRLoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                  grid_size: int = 50, grid_range: float = 3.0, learn_bandwidth: bool = True):
         super().__init__()
-        if not isinstance(r, int) or r < 1 or r > min(base.in_features, base.out_features):
-            raise ValueError(f"r={r!r}: the rank must be an integer in [1, {min(base.in_features, base.out_features)}]")
+        if not isinstance(r, int) or r < 1:  # r above min(in, out) adds no rank but is valid, as in LoRA (defaults fit any layer)
+            raise ValueError(f"r={r!r}: the rank must be an integer >= 1")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout!r}: must be in [0, 1)")
         if not isinstance(grid_size, int) or grid_size < 2:

@@ -864,7 +864,7 @@ def lrlora_rel(got, want):
     return ((got.double() - want).norm() / want.norm()).item()
 
 
-@pytest.mark.parametrize("kwargs", [dict(r=0), dict(r=9), dict(r=2.0), dict(grid_size=1), dict(grid_size=4.0),
+@pytest.mark.parametrize("kwargs", [dict(r=0), dict(r=2.0), dict(grid_size=1), dict(grid_size=4.0),
                                     dict(grid_range=0.0), dict(grid_range=-3.0), dict(dropout=1.0), dict(dropout=-0.1)])
 def test_lrlora_bad_arguments_raise(kwargs):
     name = next(iter(kwargs))
@@ -1954,18 +1954,12 @@ def test_adapter_float64_forward_backward_and_gradcheck(name, cls, kw):
     assert torch.autograd.gradcheck(fn, (x.detach().requires_grad_(True), *params), eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
-LRLORA_DEFAULTS_TOO_WIDE = pytest.mark.xfail(raises=ValueError, strict=True,
-                                             reason="lrlora.py: r=8 must be <= min(in, out) = 3; left to the lrlora rewrite")
-
-
 @pytest.mark.parametrize("cls", [LoRALinear, GenLoRALinear, AuroRALinear, RanLoRALinear, LRLoRALinear],
                          ids=["lora", "genlora", "aurora", "ranlora", "lrlora"])
 @pytest.mark.parametrize("widths", [(32, 64, 16), (8, 3)], ids=["32-64-16", "8-3"])
-def test_adapter_defaults_fit_small_and_non_square_layers(request, cls, widths):
+def test_adapter_defaults_fit_small_and_non_square_layers(cls, widths):
     """Each adapter with its defaults only, around every layer of a small net: it builds, trains (the loss falls),
     and, where the method merges exactly, merges to the same outputs."""
-    if cls is LRLoRALinear and widths == (8, 3):
-        request.applymarker(LRLORA_DEFAULTS_TOO_WIDE)
     torch.manual_seed(0)
     layers = [cls(nn.Linear(a, b)) for a, b in zip(widths, widths[1:])]
     net = nn.Sequential(*[mod for layer in layers for mod in (layer, nn.Tanh())][:-1])
@@ -2703,15 +2697,16 @@ def test_train_init_from_tiny_llama3_checkpoint(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((tmp_path / "out" / "lora" / "metrics.json").read_text())
     assert m["merge"]["exact"] and m["merge"]["passed"] and m["base"].startswith("LLaMA")
+    # a real LLM gets the papers' LLM setup: its adapter's llm_lr (not the built-in GPT's lr) and dropout 0.05
+    assert m["lr"] == train.ADAPTERS["lora"].llm_lr != train.ADAPTERS["lora"].lr and m["kwargs"]["dropout"] == 0.05
     assert m["trainable_params"] == 2 * 8 * sum(a + b for a, b in [(64, 64), (64, 32), (64, 32), (64, 64), (64, 96), (64, 96), (96, 64)])
     bad = llama_train("--init-from", str(tmp_path / "nowhere"), "--adapter", "lora", "--out-dir", str(tmp_path / "out"), *LLAMA_INIT_FROM_FAST)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --init-from") and "Traceback" not in bad.stderr
 
 
 def test_llama_train_init_from_smollm2_every_adapter(llama_smollm2_dir, tmp_path):
-    """Real pretrained weights, every adapter on q and v (LR-LoRA's dense f on every projection of 30 layers costs
-    minutes of CPU per step), a small slice of the pydoc topics text, lr 3e-4: the registry's LR-LoRA lr (1e-3,
-    tuned on the 128-wide GPT) shifts every entry of a 576-wide weight too far per step and raises the loss here."""
+    """Real pretrained weights, every adapter on q and v (to keep CI short), a small slice of the pydoc topics text,
+    one lr for all (3e-4) so that six steps move every method measurably."""
     data = tmp_path / "data.txt"
     data.write_text(llama_pydoc_text()[:30_000])
     r = llama_train("--init-from", str(llama_smollm2_dir), "--adapter", "all", "--targets", "q,v", "--lr", "3e-4", "--data", str(data),

@@ -44,20 +44,24 @@ class Adapter:  # one adapter file: its class, and train.py's defaults for it (a
     file: str
     cls: str
     targets: str  # from its paper, where the model has those projections (the built-in GPT has no gate_proj)
-    lr: float  # chosen so that the default run is stable
+    lr: float  # on the built-in GPT: chosen so that the default run is stable
+    llm_lr: float  # with --init-from (a real LLM): the paper's LLM lr where it gives one, checked on SmolLM2-135M
 
 
 ADAPTERS = {
-    "lora": Adapter("lora", "LoRALinear", "q,k,v,o,gate,up,down", 1e-3),
-    "genlora": Adapter("genlora", "GenLoRALinear", "q,k,v", 5e-3),  # the paper's commonsense lr
-    "lrlora": Adapter("lrlora", "LRLoRALinear", "q,k,v,o,gate,up,down", 1e-3),  # 1e-2 diverges: see the README
-    "aurora": Adapter("aurora", "AuroRALinear", "q,k,v,up,down", 1e-2),  # the paper: 5e-3 to 1.5e-2 for small models
-    "ranlora": Adapter("ranlora", "RanLoRALinear", "q,k,v,up,down", 3e-3),
+    "lora": Adapter("lora", "LoRALinear", "q,k,v,o,gate,up,down", 1e-3, 3e-4),
+    "genlora": Adapter("genlora", "GenLoRALinear", "q,k,v", 5e-3, 5e-3),  # the paper's commonsense lr
+    # LR-LoRA: 1e-2 diverges on the built-in GPT; on SmolLM2 3e-4 first raises the val loss (f(0)'s all-ones term), 1e-4 does not
+    "lrlora": Adapter("lrlora", "LRLoRALinear", "q,k,v,o,gate,up,down", 1e-3, 1e-4),
+    "aurora": Adapter("aurora", "AuroRALinear", "q,k,v,up,down", 1e-2, 3e-4),  # the paper: 5e-3 to 1.5e-2 small models, 3e-4 LLMs
+    "ranlora": Adapter("ranlora", "RanLoRALinear", "q,k,v,up,down", 3e-3, 1e-4),  # the paper's LLM lr 1e-4
 }
+LLM_DROPOUT = 0.05  # with --init-from: the adapter dropout all four papers use on LLMs (the built-in GPT: the adapter's own)
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # --targets names; module names are <t>_proj
 # command-line dest -> adapter constructor keyword, passed when the adapter's __init__ takes it
-ADAPTER_KWARGS = ("r", "alpha", "dropout", "groups", "num_centers", "grid_size", "grid_range", "mode", "fixed", "learnable", "activation")
-WARMUP, GRAD_CLIP = 20, 1.0  # the training loop's linear warm-up steps and gradient-norm clip
+ADAPTER_KWARGS = ("r", "alpha", "dropout", "groups", "num_centers", "freeze_latents", "normalize", "grid_size", "grid_range",
+                  "learn_bandwidth", "mode", "fixed", "learnable", "fixed_activation", "activation", "modulation", "init")
+WARMUP, GRAD_CLIP = 20, 1.0  # linear warm-up steps (--init-from: 10% of the steps, the papers' LLM setup) and gradient-norm clip
 RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 DISTRIBUTED = "LOCAL_RANK" in os.environ  # started by torchrun (even with one process: DDP all the same)
 
@@ -92,20 +96,26 @@ def parse_args(argv=None):
     p.add_argument("--targets", help=f"comma-separated subset of {','.join(TARGETS)} (default: the adapter's paper)")
     p.add_argument("--rank", dest="r", type=int, help="adapter rank (default: the adapter's)")
     p.add_argument("--alpha", type=float, help="scale = alpha / rank (default: the adapter's)")
-    p.add_argument("--dropout", type=float, help="dropout on the adapter input (default: the adapter's)")
+    p.add_argument("--dropout", type=float, help="dropout on the adapter input (default: 0.05 with --init-from, else the adapter's)")
     m = p.add_argument_group("method-specific (default: the adapter's)")
     m.add_argument("--groups", type=int, help="GenLoRA: groups per latent")
     m.add_argument("--num-centers", type=int, help="GenLoRA: RBF centers per generator")
+    m.add_argument("--freeze-latents", action="store_const", const=True, help="GenLoRA variant (Table 7): train the generators only")
+    m.add_argument("--no-normalize", dest="normalize", action="store_const", const=False, help="GenLoRA variant (Table 4): drop Eq. 6")
     m.add_argument("--grid-size", type=int, help="LR-LoRA: sinc basis functions")
     m.add_argument("--grid-range", type=float, help="LR-LoRA: the sinc grid spans [-range, range]")
+    m.add_argument("--fixed-bandwidth", dest="learn_bandwidth", action="store_const", const=False, help="LR-LoRA variant (Table 3): b_k = 1, not learned")
     m.add_argument("--mode", choices=["dynamic", "static"], help="AuroRA: dynamic (paper default) or static (AuroRA-S)")
     m.add_argument("--no-fixed", dest="fixed", action="store_const", const=False, help="AuroRA ablation: drop the fixed nonlinearity")
     m.add_argument("--no-learnable", dest="learnable", action="store_const", const=False, help="AuroRA ablation: drop the learnable spline")
+    m.add_argument("--fixed-activation", choices=["tanh", "leaky_relu", "sigmoid"], help="AuroRA variant (Table 5): the activation in F")
     m.add_argument("--activation", choices=["gelu", "relu", "tanh", "identity"], help="RanLoRA: nonlinearity on A x")
+    m.add_argument("--no-modulation", dest="modulation", action="store_const", const=False, help="RanLoRA variant (Table 6, w/o v)")
+    m.add_argument("--ranlora-init", dest="init", choices=["residual", "kaiming"], help="RanLoRA: residual SVD init, or kaiming (Table 6, w/o rai)")
     p.add_argument("--steps", type=int, default=300, help="training steps (default: %(default)s)")
     p.add_argument("--batch-size", type=int, help="global batch, split across torchrun processes (default: 32 on the built-in GPT, 8 on LLaMA)")
     p.add_argument("--block-size", type=int, help="tokens per sequence (default: 128 on the built-in GPT, its fixed context; 256 on LLaMA)")
-    p.add_argument("--lr", type=float, help="peak learning rate, 0 allowed (default: the adapter's in train.ADAPTERS)")
+    p.add_argument("--lr", type=float, help="peak learning rate, 0 allowed (default: the adapter's in train.ADAPTERS, lr or with --init-from llm_lr)")
     p.add_argument("--eval-interval", type=int, help="evaluate and checkpoint every N steps (default: steps/20, at least 1)")
     p.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation (default: %(default)s)")
     p.add_argument("--base-steps", type=int, default=600, help="pretraining steps of the built-in GPT, done once and cached (default: %(default)s)")
@@ -136,6 +146,8 @@ def parse_args(argv=None):
         args.dtype = "bfloat16" if args.device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
     args.block_size = args.block_size or (256 if args.init_from else 128)
     args.batch_size = args.batch_size or (8 if args.init_from else 32)
+    if args.init_from and args.dropout is None:
+        args.dropout = LLM_DROPOUT
     args.eval_interval = args.eval_interval or max(1, args.steps // 20)
     for k in ("steps", "batch_size", "block_size", "eval_interval", "eval_iters", "base_steps", "sample_tokens"):
         if getattr(args, k) < 1:
@@ -173,7 +185,7 @@ def prepare(args):
     for name in args.names:
         targets, kwargs = parse_targets(ADAPTERS[name].targets if args.targets is None else args.targets), adapter_kwargs(name, args)
         inject(copy.deepcopy(skeleton), name, targets, kwargs, quiet=True)  # on the meta device: bad ranks, groups, targets
-        lr = ADAPTERS[name].lr if args.lr is None else args.lr
+        lr = args.lr if args.lr is not None else ADAPTERS[name].llm_lr if args.init_from else ADAPTERS[name].lr
         signature = {"adapter": name, "targets": targets, "kwargs": kwargs, "lr": lr, "steps": args.steps, "batch_size": args.batch_size,
                      "block_size": args.block_size, "seed": args.seed, "data": args.data, "base": base_desc, "world": WORLD}
         jobs.append(Job(name, targets, kwargs, lr, os.path.join(args.out_dir, name), signature))
@@ -380,6 +392,7 @@ class Loop:
     seed: int
     eval_interval: int
     compile: bool = False
+    warmup: int = WARMUP
 
 
 @dataclass
@@ -490,7 +503,7 @@ def train(model, opt, tokens, val_batches, loop, args, ckpt_path, signature, des
                     break
                 t0 = time.perf_counter()
                 for g in opt.param_groups:
-                    g["lr"] = loop.lr * lr_factor(step, loop.steps)
+                    g["lr"] = loop.lr * lr_factor(step, loop.steps, loop.warmup)
                 torch.manual_seed(data.step_seed(loop.seed, step, rank))  # dropout, if any: also a function of the step
                 x, y = data.get_batch(tokens, step, loop.batch_size, loop.block_size, loop.seed, world, rank)
                 with autocast(args):
@@ -606,7 +619,8 @@ def run(job, base, base_desc, tok, train_data, val_batches, val_before, args):
             f"{sum(x.numel() for x, _ in val_batches):,} tokens; adapter init {info['init_seconds']:.2f} s; init gap max |dlogits| "
             f"{info['init_gap_max_abs_logit_diff']:.3g}; val loss {val_before:.4f} before, {info['val_loss_at_init']:.4f} at init")
     opt = torch.optim.AdamW(params, lr=job.lr, weight_decay=0.0)
-    loop = Loop(args.steps, job.lr, args.batch_size, args.block_size, args.seed, args.eval_interval, args.compile)
+    warmup = max(1, args.steps // 10) if args.init_from else WARMUP
+    loop = Loop(args.steps, job.lr, args.batch_size, args.block_size, args.seed, args.eval_interval, args.compile, warmup)
     state = train(model, opt, train_data, val_batches, loop, args, os.path.join(job.out, "ckpt.pt"), job.signature, job.name, job.resume)
     return finish(model, adapters, job, args, tok, base_desc, val_batches, info, state) if RANK == 0 else None
 
@@ -632,10 +646,6 @@ def compare(results, args):
 def main(argv=None):
     try:
         args = parse_args(argv)
-        for n in args.names if args.compile else []:  # an adapter's own compiled kernels (LR-LoRA's sinc passes)
-            module = importlib.import_module(ADAPTERS[n].file)
-            if hasattr(module, "COMPILE"):
-                module.COMPILE = True
         if DISTRIBUTED:  # under torchrun: one process per device, NCCL on CUDA, gloo on the CPU
             if args.device.startswith("cuda"):
                 args.device = f"cuda:{os.environ['LOCAL_RANK']}"
