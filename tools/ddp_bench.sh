@@ -27,8 +27,10 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
 run() {  # run NAME NPROC FLAGS...: one torchrun, its wall time in $OUT/NAME/wall_s
     local name=$1 n=$2; shift 2
     local t0; t0=$(date +%s.%N)
+    # a failure after training (e.g. sampling ids outside the random checkpoint's small tokenizer) keeps adapter.pt
+    # and metrics.json, which is all this measures
     torchrun --standalone --nproc_per_node="$n" train.py --adapter lora --init-from "$CKPT" --out-dir "$OUT/$name" --overwrite \
-        --eval-iters 2 --sample-tokens 32 $DEV "$@"
+        --eval-iters 2 --sample-tokens 32 $DEV "$@" || echo "($name: exit $? after training)"
     python3 -c "import sys; print(float(sys.argv[2]) - float(sys.argv[1]))" "$t0" "$(date +%s.%N)" > "$OUT/$name/wall_s"
 }
 run bf16-1gpu 1 $BIG --steps 30 --eval-interval 30 ${TINY:+--dtype float32}
