@@ -27,10 +27,9 @@ interpolated from an exact f' table, errs by at most 9.2e-7 b_max sum|a_k|. Meas
 float64 direct sum (test_all.py): dW and all gradients within 1e-6 relative, about float32 rounding.
 Backward: dL/d(BA) = scale dL/dW * f'(BA); dL/da, dL/db scatter dL/dW into the table slots with
 the interpolation weights (the adjoint of the lookup), then one T x K product. Nothing out x in
-is kept from forward to backward. B A, the table and f are float32 (or the parameters' wider
-dtype) under autocast; only W meets the activations' dtype. On CUDA each element-wise pass is one
-torch.compile'd kernel (compiled in seconds); elsewhere they run eagerly. In float64 the layer
-uses the direct sum instead, exact and differentiable by plain autograd (for gradcheck).
+is kept from forward to backward. B A, the table and f stay float32 (or wider) under autocast.
+On CUDA each element-wise pass is one torch.compile'd kernel (compiled in seconds), else eager.
+In float64 the layer uses the direct sum instead (exact, for gradcheck).
 
 This file imports only torch and can be copied alone into another project.
 """
