@@ -49,12 +49,13 @@ def tiny_gpt(seed=0):
 
 
 def randomize_(module, std=0.1, seed=1):
-    """Give every adapter parameter a nonzero value, so merge tests compare something real."""
+    """Give every adapter parameter a nonzero value, so merge tests compare something real; returns the generator."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+    return g
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1841,11 +1842,8 @@ ADAPTER_IDS = [name for name, _, _ in ADAPTER_MODES]
 
 def adapter_randomize_(m, seed=0, std=0.5):
     """Every trainable parameter nonzero and random (B included), so no path of the adapter hides behind a zero."""
-    g = torch.Generator().manual_seed(seed)
+    g = randomize_(m, std=std, seed=seed)
     with torch.no_grad():
-        for p in m.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
         if getattr(m, "freeze_latents", False):  # frozen latents still need values that make B nonzero
             m.z_B.copy_(torch.randn(m.z_B.shape, generator=g))
     return m
