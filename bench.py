@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import os
 import statistics
 import sys
@@ -424,7 +423,7 @@ def print_table(r):
     f2 = lambda v: "—" if v is None else f"{v:.2f}x"
     print(f"\n{r['model']}, {r['dtype']}, {r['tokens_per_step']} tokens/step, {r['device']}, torch {r['torch']}"
           f"{', compiled' if r['compile'] else ''}; median of {r['reps']} interleaved steps")
-    print(f"| variant | trainable | ms/step | vs LoRA | vs floor | peak mem | mem vs LoRA | mem vs floor |")
+    print("| variant | trainable | ms/step | vs LoRA | vs floor | peak mem | mem vs LoRA | mem vs floor |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for n, s in r["steps"].items():
         vs_floor = s["step_vs_floor"] if n not in ("peft", "hf_floor") else s.get("step_vs_hf_floor")

@@ -6,7 +6,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+from adapt import TARGETS, put
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -61,13 +62,6 @@ def rank_lines(rep, title):
 
 # ----------------------------------------------------------------------------------------------
 # the merge check
-
-
-def put(model, modules):
-    """Place each module at its dotted name in model (a merged Linear, a base layer, or the adapter back)."""
-    for name, module in modules.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, module)
 
 
 @torch.no_grad()

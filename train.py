@@ -15,7 +15,6 @@ GPT) -> finish (save first, then sample, rank diagnostics, merge check) -> compa
 import argparse
 import contextlib
 import copy
-import glob
 import hashlib
 import importlib
 import inspect
@@ -24,7 +23,6 @@ import math
 import os
 import signal
 import sys
-import sysconfig
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import adapt
 import data
 import diagnostics
 from nanogpt_model import GPT, LLaMA, ByteTokenizer, GPTConfig, LLaMAConfig, generate, load_llama, load_tokenizer
@@ -57,7 +56,6 @@ ADAPTERS = {
     "ranlora": Adapter("ranlora", "RanLoRALinear", "q,k,v,up,down", 3e-3, 1e-4),  # the paper's LLM lr 1e-4
 }
 LLM_DROPOUT = 0.05  # with --init-from: the adapter dropout all four papers use on LLMs (the built-in GPT: the adapter's own)
-TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # --targets names; module names are <t>_proj
 # command-line dest -> adapter constructor keyword, passed when the adapter's __init__ takes it
 ADAPTER_KWARGS = ("r", "alpha", "dropout", "groups", "num_centers", "freeze_latents", "normalize", "grid_size", "grid_range",
                   "learn_bandwidth", "mode", "fixed", "learnable", "fixed_activation", "activation", "modulation", "init")
@@ -93,7 +91,7 @@ def parse_args(argv=None):
     p.add_argument("--adapter", default="genlora", help=f"one of {', '.join(ADAPTERS)}; a comma list or 'all' trains each and compares them (default: %(default)s)")
     p.add_argument("--data", nargs="+", help="text files, folders or globs to fine-tune on (default: Python's pydoc topics)")
     p.add_argument("--init-from", help="a LLaMA checkpoint directory, HF or Meta layout (default: the built-in GPT)")
-    p.add_argument("--targets", help=f"comma-separated subset of {','.join(TARGETS)} (default: the adapter's paper)")
+    p.add_argument("--targets", help=f"comma-separated subset of {','.join(adapt.TARGETS)} (default: the adapter's paper)")
     p.add_argument("--rank", dest="r", type=int, help="adapter rank (default: the adapter's)")
     p.add_argument("--alpha", type=float, help="scale = alpha / rank (default: the adapter's)")
     p.add_argument("--dropout", type=float, help="dropout on the adapter input (default: 0.05 with --init-from, else the adapter's)")
@@ -302,28 +300,18 @@ def adapter_kwargs(name, args):
 
 def parse_targets(spec):
     targets = [t.strip() for t in spec.split(",") if t.strip()]
-    bad = [t for t in targets if t not in TARGETS]
+    bad = [t for t in targets if t not in adapt.TARGETS]
     if bad or not targets:
-        raise UserError(f"--targets {spec!r}: {'unknown target ' + ', '.join(bad) if bad else 'no target'} (choose from {','.join(TARGETS)})")
+        raise UserError(f"--targets {spec!r}: {'unknown target ' + ', '.join(bad) if bad else 'no target'} (choose from {','.join(adapt.TARGETS)})")
     return targets
 
 
 def inject(model, name, targets, kwargs, quiet=False):
     """Wrap every nn.Linear named <target>_proj in the adapter; the one place adapters enter a model."""
-    cls, wanted, wrapped = adapter_class(name), {f"{t}_proj" for t in targets}, {}
-    r = kwargs.get("r", inspect.signature(cls.__init__).parameters["r"].default)
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            if child_name in wanted and isinstance(child, nn.Linear):
-                where = f"--adapter {name} on {parent_name}.{child_name} ({child.out_features}x{child.in_features})"
-                if isinstance(r, int) and r > min(child.in_features, child.out_features):  # rank(B A) <= min(in, out) anyway
-                    raise UserError(f"{where}: r={r} exceeds min(in, out) = {min(child.in_features, child.out_features)}: a higher rank adds no rank, only cost")
-                try:
-                    adapter = cls(child, **kwargs)
-                except ValueError as e:
-                    raise UserError(f"{where}: {e}")
-                setattr(parent, child_name, adapter)
-                wrapped[f"{parent_name}.{child_name}"] = adapter
+    try:
+        wrapped = adapt.inject(model, adapter_class(name), targets, kwargs)
+    except ValueError as e:
+        raise UserError(f"--adapter {name} on {e}")
     if not wrapped:
         raise UserError(f"--targets {','.join(targets)}: no module of this model matches")
     missing = [t for t in targets if not any(k.endswith(f".{t}_proj") for k in wrapped)]
@@ -332,32 +320,16 @@ def inject(model, name, targets, kwargs, quiet=False):
     return wrapped
 
 
-def adapter_state(adapters, keep_vars=False):
-    """Adapter weights only: each adapter's state minus its frozen base layer."""
-    return {f"{n}.{k}": v if keep_vars else v.detach().cpu() for n, a in adapters.items() for k, v in a.state_dict(keep_vars=True).items() if not k.startswith("base.")}
-
-
-def load_strict(live, saved, path):
-    """Copy saved tensors into the model's own (name -> tensor); a missing, unexpected or mis-shaped name is an error naming it."""
-    missing, unexpected = sorted(live.keys() - saved.keys()), sorted(saved.keys() - live.keys())
-    if missing or unexpected:
-        which = f"the model has {missing[0]}, the file does not" if missing else f"the file has {unexpected[0]}, the model does not"
-        raise UserError(f"{path}: does not match the model: {which} ({len(missing)} missing, {len(unexpected)} unexpected)")
-    for k, t in live.items():
-        if saved[k].shape != t.shape:
-            raise UserError(f"{path}: does not match the model: {k} is {tuple(saved[k].shape)} in the file, {tuple(t.shape)} in the model")
-    with torch.no_grad():
-        for k, t in live.items():
-            t.copy_(saved[k])
-
-
 def load_adapter(model, path):
     """Wrap a base model as recorded in adapter.pt and load the saved weights onto it, strictly."""
     ckpt = load_checkpoint(path, "adapter file")
     if not (isinstance(ckpt, dict) and {"adapter", "targets", "kwargs", "state"} <= ckpt.keys() and ckpt["adapter"] in ADAPTERS):
         raise UserError(f"{path}: not an adapter.pt written by train.py")
     adapters = inject(model, ckpt["adapter"], ckpt["targets"], ckpt["kwargs"])
-    load_strict(adapter_state(adapters, keep_vars=True), ckpt["state"], path)
+    try:
+        adapt.load_strict(adapt.adapter_state(adapters, keep_vars=True), ckpt["state"])
+    except ValueError as e:
+        raise UserError(f"{path}: {e}")
     return adapters, ckpt
 
 
@@ -475,7 +447,7 @@ def train(model, opt, tokens, val_batches, loop, args, ckpt_path, signature, des
     if resume:
         ck = load_checkpoint(ckpt_path, "checkpoint")
         assert ck["signature"] == signature, "prepare() compares signatures first"
-        load_strict(live, ck["weights"], ckpt_path)
+        adapt.load_strict(live, ck["weights"])  # the signature matched: so do the names and shapes
         opt.load_state_dict(ck["opt"])
         state = TrainState(**ck["state"])
         log(f"{desc}: resuming the interrupted run from step {state.step} ({ckpt_path})")
@@ -551,7 +523,7 @@ def finish(model, adapters, job, args, tok, base_desc, val_batches, info, state)
                "val_loss_after": state.curve[-1]["val_loss"], "tokens_per_s": state.tokens / max(state.train_s, 1e-9), "curve": state.curve,
                "sample": None, "rank": None, "merge": None, "errors": {}, "finish_s": {}}
     t = time.perf_counter()
-    atomic_save({"adapter": job.name, "targets": job.targets, "kwargs": job.kwargs, "base": base_desc, "state": adapter_state(adapters)},
+    atomic_save({"adapter": job.name, "targets": job.targets, "kwargs": job.kwargs, "base": base_desc, "state": adapt.adapter_state(adapters)},
                 os.path.join(job.out, "adapter.pt"))
     if os.path.exists(os.path.join(job.out, "ckpt.pt")):
         os.remove(os.path.join(job.out, "ckpt.pt"))  # the run is complete: adapter.pt holds its result
@@ -589,14 +561,14 @@ def sample(model, adapters, tok, args):
     (LR-LoRA's forward rebuilds its dense f(BA) on every call: 200 tokens took 44 s on the CPU that way)."""
     model.eval()
     merged = {n: a.merged() for n, a in adapters.items() if a.exact_merge}
-    diagnostics.put(model, merged)
+    adapt.put(model, merged)
     try:
         prompt = torch.tensor([tok.encode(args.prompt, bos=True)], device=args.device)
         torch.manual_seed(args.seed)
         with autocast(args):
             ids = generate(model, prompt, args.sample_tokens, stop_id=tok.eos_id)[0].tolist()
     finally:
-        diagnostics.put(model, {n: adapters[n] for n in merged})
+        adapt.put(model, {n: adapters[n] for n in merged})
     return tok.decode(ids[1:] if tok.bos_id is not None and ids[0] == tok.bos_id else ids)  # without the BOS marker
 
 
