@@ -110,7 +110,9 @@ class AuroRALinear(nn.Module):
             u = self.sigma(F.linear(x_, self.A.to(dt)).to(ct))  # sigma(A x): input-dependent, Eq. 4
         else:
             u = F.linear(x_, self.sigma(self.A.T.to(ct)).T.to(dt))  # sigma(A) x: sigma on each column of A, Eq. 9
-        return self.base(x) + F.linear(u.to(dt), (self.scale * self.B).to(dt))
+        # the second matmul adds into W0 x in its epilogue (addmm, beta = 1, alpha = scale): no update-sized add
+        h = self.base(x)
+        return torch.addmm(h.reshape(-1, h.shape[-1]), u.to(dt).reshape(-1, self.r), self.B.to(dt).T, alpha=self.scale).view(h.shape)
 
     def delta_weight(self) -> torch.Tensor:
         # dW = scale * B sigma(A), Eq. 3: exact for mode="static"; for "dynamic" it is the paper's

@@ -56,6 +56,7 @@ PRESETS = {
                                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=256)),
 }
 RANKS = {"lora": 8, "genlora": 8, "lrlora": 8, "aurora": 2, "ranlora": 2}  # the settings; alpha: class defaults
+SETTINGS = {"aurora_static": ("aurora", {"mode": "static"})}  # variants that are an adapter with other settings (AuroRA-S)
 
 
 T0 = time.perf_counter()
@@ -108,7 +109,7 @@ class Variant:
         self.opt = torch.optim.AdamW(params, lr=1e-5, fused=dev.type == "cuda") if params else None
         if embedding is not None:  # the floor: make the embedding output a leaf that needs grad
             embedding.register_forward_hook(lambda m, i, out: out.detach().requires_grad_())
-        self.times, self.peak = [], None
+        self.times, self.peak, self.first_s = [], None, None
 
     def step(self, x, y):
         logits = self.logits_of(self.model, x)
@@ -212,8 +213,12 @@ def hf_variants(base, device, dtype, targets, r, alpha):
 def bench_steps(variants, x, y, device, reps, warmup):
     for v in variants:  # warm-up: allocator, cuBLAS handles, torch.compile
         progress(f"warm-up and peak memory: {v.name}")
-        for _ in range(warmup):
+        for i in range(warmup):
+            t = time.perf_counter()
             v.step(x, y)
+            sync(device)
+            if i == 0:  # with --compile: the first compile (of this variant's graphs) is in it
+                v.first_s = time.perf_counter() - t
     sync(device)
     for v in variants:
         v.peak = measure_peak(v, x, y, device)
@@ -293,7 +298,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=PRESETS, default="cpu")
     p.add_argument("--device", default=None, help="default: cuda for --preset gpu, else cpu")
-    p.add_argument("--variants", default="floor," + ",".join(ADAPTERS) + ",hf_floor,peft")
+    p.add_argument("--variants", default="floor," + ",".join(ADAPTERS) + ",aurora_static,hf_floor,peft")
     p.add_argument("--reps", type=int, help="timed steps per variant (default: the preset's)")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block of every model")
     p.add_argument("--profile", metavar="FILE", help="write a torch.profiler table of one step per variant here")
@@ -325,13 +330,14 @@ def main(argv=None):
     if "floor" in wanted:
         m = share_copy(base)
         variants.append(Variant("floor", m, embedding=embedding_of(m)))
-    for name in [n for n in wanted if n in train.ADAPTERS]:
+    for name in [n for n in wanted if n in train.ADAPTERS or n in SETTINGS]:
         progress(f"wrapping the base with {name}")
+        adapter, kwargs = SETTINGS.get(name, (name, {}))
         m = share_copy(base)
         torch.manual_seed(0)
         sync(device)
         t = time.perf_counter()
-        adapters = train.inject(m, name, TARGETS, {"r": RANKS.get(name, 8)})
+        adapters = train.inject(m, adapter, TARGETS, {"r": RANKS[adapter], **kwargs})
         sync(device)
         if name.startswith("ranlora"):  # every target weight's SVD, as the adapter runs it (on the weight's device)
             results["ranlora_init"] = {"modules": len(adapters), "wall_s": time.perf_counter() - t}
@@ -362,7 +368,7 @@ def main(argv=None):
     for v in variants:
         lora, floor = ("peft", "hf_floor") if v.name in ("peft", "hf_floor") else ("lora", "floor")
         rows[v.name] = {"ms_step": 1e3 * med[v.name], "ms_min": 1e3 * min(v.times), "ms_max": 1e3 * max(v.times),
-                        "peak_mem_bytes": v.peak, "trainable_params": v.trainable,
+                        "peak_mem_bytes": v.peak, "trainable_params": v.trainable, "first_step_s": v.first_s,
                         "step_vs_lora": ratio(med[v.name], med.get("lora")),
                         "step_vs_floor": ratio(med[v.name], med.get("floor")),
                         "mem_vs_lora": ratio(v.peak, by["lora"].peak if "lora" in by else None),
@@ -423,12 +429,12 @@ def print_table(r):
     f2 = lambda v: "—" if v is None else f"{v:.2f}x"
     print(f"\n{r['model']}, {r['dtype']}, {r['tokens_per_step']} tokens/step, {r['device']}, torch {r['torch']}"
           f"{', compiled' if r['compile'] else ''}; median of {r['reps']} interleaved steps")
-    print("| variant | trainable | ms/step | vs LoRA | vs floor | peak mem | mem vs LoRA | mem vs floor |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| variant | trainable | ms/step | vs LoRA | vs floor | peak mem | mem vs LoRA | mem vs floor | first step |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for n, s in r["steps"].items():
         vs_floor = s["step_vs_floor"] if n not in ("peft", "hf_floor") else s.get("step_vs_hf_floor")
         print(f"| {n} | {s['trainable_params']:,} | {s['ms_step']:.1f} | {f2(s['step_vs_lora'])} | {f2(vs_floor)} | "
-              f"{gib(s['peak_mem_bytes'])} | {f2(s['mem_vs_lora'])} | {f2(s['mem_vs_floor'])} |")
+              f"{gib(s['peak_mem_bytes'])} | {f2(s['mem_vs_lora'])} | {f2(s['mem_vs_floor'])} | {s['first_step_s']:.1f} s |")
     if "inference" in r:
         print("\ninference (eval, no grad): " + "; ".join(f"{n} {s['tokens_per_s']:,.0f} tok/s ({s['vs_base']:.2f}x)"
                                                         for n, s in r["inference"].items()))

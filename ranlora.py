@@ -120,12 +120,12 @@ class RanLoRALinear(nn.Module):
 
     def forward(self, x):
         # the x-sized matmuls run in the activations' dtype (float32 factors cast down, as autocast would); GELU and v
-        # on the small (..., r) tensor in float32, or in x's dtype if wider (element-wise: autocast leaves them be);
-        # s folded into the small B
+        # on the small (..., r) tensor in float32, or in x's dtype if wider (element-wise: autocast leaves them be)
         dt, ct = x.dtype, torch.promote_types(x.dtype, torch.float32)
         z = F.linear(self.dropout(x), self.A.to(dt)).to(ct)  # A x
         u = self.act(z) if self.v is None else self.v.to(ct) * self.act(z)  # v ⊙ GELU(A x)
-        return self.base(x) + F.linear(u.to(dt), (self.scale * self.B).to(dt))  # W_P x + s B (v ⊙ GELU(A x))   (Eq. 8)
+        h = self.base(x)  # W_P x + s B (v ⊙ GELU(A x)), Eq. 8; s B u added inside the matmul (addmm, beta = 1, alpha = s)
+        return torch.addmm(h.reshape(-1, h.shape[-1]), u.to(dt).reshape(-1, self.r), self.B.to(dt).T, alpha=self.scale).view(h.shape)
 
     @torch.no_grad()
     def init_gap(self, x) -> torch.Tensor:

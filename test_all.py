@@ -1923,12 +1923,29 @@ def test_adapter_small_tensor_math_runs_in_float32_under_autocast(name, cls, kw)
     elif cls is RanLoRALinear:  # GELU (or the Table 7 activation) and v
         expected = ({m.activation} - {"identity"}) | ({"mul"} if m.modulation else set())
     else:
-        expected = {"mul"}  # LoRA: scale * B
+        expected = set()  # LoRA: no small math (its scale is the second matmul's alpha)
     assert expected <= ran_in_float32, (expected - ran_in_float32)  # the small math did run, in float32
     if m.exact_merge or cls is AuroRALinear:  # delta_weight() exists: float32 too when called under autocast
         with torch.autocast("cpu", dtype=torch.bfloat16), RecordOps() as rec:
             dW = m.delta_weight()
         assert dW.dtype == torch.float32 and all(d == torch.float32 for *_, d in rec.ops)
+
+
+@pytest.mark.parametrize("cls, kw", [(LoRALinear, {}), (GenLoRALinear, {}), (LRLoRALinear, {}), (AuroRALinear, {}),
+                                     (AuroRALinear, dict(mode="static")), (RanLoRALinear, {})],
+                         ids=["lora", "genlora", "lrlora", "aurora-dynamic", "aurora-static", "ranlora"])
+def test_adapter_under_torch_compile_matches_eager(cls, kw):
+    """--compile (train.py and bench.py) runs every adapter through torch.compile: the compiled forward and every
+    gradient equal eager's (on the compiler's CPU backend; CUDA takes the same graphs)."""
+    torch.manual_seed(0)
+    m = adapter_randomize_(cls(nn.Linear(16, 12), **kw), std=0.2)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    grads = []
+    for fn in (m, torch.compile(m)):
+        y = fn(x)
+        grads.append((y, *torch.autograd.grad(y.square().sum(), [x, *[p for p in m.parameters() if p.requires_grad]])))
+    for eager, compiled in zip(*grads):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)  # float32 reassociation in the fused kernels
 
 
 @pytest.mark.parametrize("name, cls, kw", ADAPTER_MODES, ids=ADAPTER_IDS)
@@ -2733,9 +2750,9 @@ def test_bench_tiny_writes_ratios(tmp_path):
     out = tmp_path / "bench.json"
     r = bench.main(["--preset", "tiny", "--reps", "2", "--out", str(out)])
     saved = json.loads(out.read_text())
-    assert saved["steps"].keys() == {"floor", *bench.ADAPTERS}  # no transformers variants on the GPT preset
+    assert saved["steps"].keys() == {"floor", *bench.ADAPTERS, *bench.SETTINGS}  # no transformers variants on the GPT preset
     for name, row in saved["steps"].items():
-        for key in ("ms_step", "step_vs_lora", "step_vs_floor", "mem_vs_lora", "mem_vs_floor", "peak_mem_bytes"):
+        for key in ("ms_step", "step_vs_lora", "step_vs_floor", "mem_vs_lora", "mem_vs_floor", "peak_mem_bytes", "first_step_s"):
             assert isinstance(row[key], float) or isinstance(row[key], int), (name, key, row[key])
             assert math.isfinite(row[key]) and row[key] > 0, (name, key, row[key])
     assert saved["steps"]["lora"]["step_vs_lora"] == 1.0 and saved["steps"]["floor"]["mem_vs_floor"] == 1.0
