@@ -105,14 +105,16 @@ class AuroRALinear(nn.Module):
     def forward(self, x):
         # the x-sized matmuls run in the activations' dtype (float32 factors cast down, as autocast would);
         # sigma acts on the small (..., r) tensor in float32, or in x's dtype if wider
-        x_, dt, ct = self.dropout(x), x.dtype, torch.promote_types(x.dtype, torch.float32)
+        x2 = x.reshape(-1, x.shape[-1])
+        h = self.base(x2)
+        x_, dt, ct = self.dropout(x2), h.dtype, torch.promote_types(x.dtype, torch.float32)
         if self.mode == "dynamic":
             u = self.sigma(F.linear(x_, self.A.to(dt)).to(ct))  # sigma(A x): input-dependent, Eq. 4
         else:
             u = F.linear(x_, self.sigma(self.A.T.to(ct)).T.to(dt))  # sigma(A) x: sigma on each column of A, Eq. 9
-        # the second matmul adds into W0 x in its epilogue (addmm, beta = 1, alpha = scale): no update-sized add
-        h = self.base(x)
-        return torch.addmm(h.reshape(-1, h.shape[-1]), u.to(dt).reshape(-1, self.r), self.B.to(dt).T, alpha=self.scale).view(h.shape)
+        # the second matmul adds into W0 x in place (addmm_, beta = 1, alpha = scale): no update-sized tensor or add
+        h.addmm_(u.to(dt), self.B.to(dt).T, alpha=self.scale)
+        return h.view(*x.shape[:-1], -1)
 
     def delta_weight(self) -> torch.Tensor:
         # dW = scale * B sigma(A), Eq. 3: exact for mode="static"; for "dynamic" it is the paper's

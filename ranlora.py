@@ -121,11 +121,13 @@ class RanLoRALinear(nn.Module):
     def forward(self, x):
         # the x-sized matmuls run in the activations' dtype (float32 factors cast down, as autocast would); GELU and v
         # on the small (..., r) tensor in float32, or in x's dtype if wider (element-wise: autocast leaves them be)
-        dt, ct = x.dtype, torch.promote_types(x.dtype, torch.float32)
-        z = F.linear(self.dropout(x), self.A.to(dt)).to(ct)  # A x
+        x2 = x.reshape(-1, x.shape[-1])
+        h = self.base(x2)  # W_P x; s B (v ⊙ GELU(A x)) is added into it in place (addmm_, beta = 1, alpha = s)
+        dt, ct = h.dtype, torch.promote_types(x.dtype, torch.float32)
+        z = F.linear(self.dropout(x2), self.A.to(dt)).to(ct)  # A x
         u = self.act(z) if self.v is None else self.v.to(ct) * self.act(z)  # v ⊙ GELU(A x)
-        h = self.base(x)  # W_P x + s B (v ⊙ GELU(A x)), Eq. 8; s B u added inside the matmul (addmm, beta = 1, alpha = s)
-        return torch.addmm(h.reshape(-1, h.shape[-1]), u.to(dt).reshape(-1, self.r), self.B.to(dt).T, alpha=self.scale).view(h.shape)
+        h.addmm_(u.to(dt), self.B.to(dt).T, alpha=self.scale)  # W_P x + s B (v ⊙ GELU(A x))   (Eq. 8)
+        return h.view(*x.shape[:-1], -1)
 
     @torch.no_grad()
     def init_gap(self, x) -> torch.Tensor:

@@ -1885,7 +1885,7 @@ class RecordOps(TorchDispatchMode):
 NO_ARITHMETIC = {"_to_copy", "view", "_unsafe_view", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze",
                  "clone", "detach", "alias", "select", "slice", "as_strided", "copy_", "cat", "lift_fresh", "split",
                  "unbind", "empty", "empty_like", "zeros_like", "ones_like", "_reshape_alias"}
-MATMULS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear"}
+MATMULS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "addmm_"}
 
 
 def low_precision_small_math(ops, tokens, n_in, n_out):
