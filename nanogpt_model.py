@@ -22,6 +22,7 @@ import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,19 +143,22 @@ class GPT(nn.Module):
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=0.8, top_k=50, stop_id=None):
     """Sample a continuation of idx (1, T) from any model here that returns logits (B, T, vocab)."""
-    for _ in range(max_new_tokens):
-        logits = model(idx[:, -model.max_seq_len:])[:, -1, :].float()
-        if temperature == 0:
-            nxt = logits.argmax(-1, keepdim=True)
-        else:
-            logits = logits / temperature
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                logits[logits < kth] = -float("inf")
-            nxt = torch.multinomial(F.softmax(logits, dim=-1), 1)
-        idx = torch.cat([idx, nxt], dim=1)
-        if stop_id is not None and nxt.item() == stop_id:
-            break
+    # each token is a new sequence length, and cuDNN's attention builds a plan for every new length (a first
+    # 32-token sample on the 1B shape took 2.9 s on an H200, 0.7 s once planned): generate with the others
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        for _ in range(max_new_tokens):
+            logits = model(idx[:, -model.max_seq_len:])[:, -1, :].float()
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits[logits < kth] = -float("inf")
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1)
+            idx = torch.cat([idx, nxt], dim=1)
+            if stop_id is not None and nxt.item() == stop_id:
+                break
     return idx
 
 
