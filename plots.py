@@ -84,12 +84,13 @@ def figure(model, adapters, batches, rank=None, reference=None):
     draw = {LRLoRALinear: draw_lrlora, AuroRALinear: draw_aurora, GenLoRALinear: draw_genlora, RanLoRALinear: draw_ranlora}.get(cls)
     rank = rank or diagnostics.rank_report(adapters)
     kinds = len({n.rsplit(".", 1)[-1] for n in adapters})
-    fig = plt.figure(figsize=(max(13, 2.6 * kinds), (5.6 if draw else 0) + (3.2 if rank["per_module"] else 1.0)), layout="constrained")
+    heights = ([5.6] if draw else []) + [3.2 if rank["per_module"] else 1.0]  # inches; a one-line note where there is no dW
+    fig = plt.figure(figsize=(max(13, 2.6 * kinds), sum(heights)), layout="constrained")
     fig.suptitle(TITLES[cls], fontsize=13)
-    top, bottom = fig.subfigures(2, 1, height_ratios=[5.6, 3.2 if rank["per_module"] else 1.0]) if draw else (None, fig.subfigures(1, 1))
+    rows = fig.subfigures(len(heights), 1, height_ratios=heights, squeeze=False)[:, 0]
     if draw:
-        draw(top, model, adapters, batches)
-    draw_spectra(bottom, adapters, rank, reference)
+        draw(rows[0], model, adapters, batches)
+    draw_spectra(rows[-1], adapters, rank, reference)
     return fig
 
 
@@ -106,8 +107,8 @@ def spread(names, k):
     return [names[i] for i in sorted({round(j * (len(names) - 1) / max(1, k - 1)) for j in range(k)})]
 
 
-def cpu(t):
-    return t.detach().double().cpu()
+def cpu(t):  # for drawing and the CPU-side formulas: float64 (after the copy: MPS has no float64)
+    return t.detach().cpu().double()
 
 
 @torch.no_grad()
@@ -129,7 +130,7 @@ def bottleneck_inputs(model, modules, batches):
         for h in handles:
             h.remove()
         model.train(was_training)
-    return {n: torch.cat(v).double() for n, v in seen.items()}
+    return {n: torch.cat(v) for n, v in seen.items()}
 
 
 @torch.no_grad()
@@ -158,7 +159,7 @@ def draw_lrlora(sub, model, adapters, batches):
         hx.grid(alpha=0.3)
     axes[0, 0].set_ylabel("f(x)")
     axes[1, 0].set_ylabel("entries (log)")
-    axes[0, -1].legend(fontsize=8, loc="lower right")
+    sub.legend(*axes[0, 0].get_legend_handles_labels(), fontsize=9, loc="outside lower center", ncol=3)
     sub.suptitle("the learned transfer f over the range of B A's entries (a few layers); below: where those entries lie", fontsize=11)
 
 
@@ -177,14 +178,14 @@ def draw_aurora(sub, model, adapters, batches):
     names = spread(list(adapters), 2)
     r = adapters[names[0]].r
     dynamic = adapters[names[0]].mode == "dynamic"  # static mode (AuroRA-S): sigma acts on the columns of A, not on A x
-    seen = bottleneck_inputs(model, {n: adapters[n] for n in names}, batches) if dynamic else {n: cpu(adapters[n].A.T) for n in names}
+    seen = bottleneck_inputs(model, {n: adapters[n] for n in names}, batches) if dynamic else {n: adapters[n].A.T.detach().float().cpu() for n in names}
     cols = [(n, j) for n in names for j in range(min(r, 2))]
     axes = sub.subplots(2, len(cols), sharex="col", gridspec_kw={"height_ratios": [2.2, 1]}, squeeze=False)
     for col, (n, j) in enumerate(cols):
         m, z = adapters[n], seen[n]
         dev = m.A.device
-        t = torch.linspace(z[:, j].min().item(), z[:, j].max().item(), 401, dtype=torch.float64)
-        Z = torch.zeros(len(t), r, dtype=torch.float64)
+        t = torch.linspace(z[:, j].min().item(), z[:, j].max().item(), 401)  # float32: the module's own precision, on its device
+        Z = torch.zeros(len(t), r)
         Z[:, j] = t
         sigma, (fixed, spline) = cpu(m.sigma(Z.to(dev))), (cpu(p) for p in aurora_parts(m, Z.to(dev)))
         some = z[torch.randperm(len(z), generator=torch.Generator().manual_seed(0))[:1500]]
@@ -201,7 +202,7 @@ def draw_aurora(sub, model, adapters, batches):
         hx.grid(alpha=0.3)
     axes[0, 0].set_ylabel("σ_j(z_j e_j), other channels 0")
     axes[1, 0].set_ylabel("count")
-    axes[0, -1].legend(fontsize=8, loc="best", markerscale=3)
+    sub.legend(*axes[0, 0].get_legend_handles_labels(), fontsize=9, loc="outside lower center", ncol=4, markerscale=3)
     where = "over the range of A x on validation batches" if dynamic else "over the entries of A (static mode: σ(A) x)"
     sub.suptitle(f"σ per output channel {where} (the first {min(r, 2)} of r = {r} channels); below: the histogram of z", fontsize=11)
 
@@ -241,8 +242,8 @@ def draw_genlora(sub, model, adapters, batches):
 
 @torch.no_grad()
 def draw_ranlora(sub, model, adapters, batches):
-    """GELU(z) against z over the range of A x on validation batches (z: the linear residual path the adapter
-    started as), with the histogram of z per channel; and v, the learned modulation, for every module."""
+    """GELU(z) against z over the range of A x on validation batches (where GELU departs from the linear map
+    the residual init started from), with the histogram of z per channel; and v, the learned modulation, for every module."""
     names = spread(list(adapters), 3)
     seen = bottleneck_inputs(model, {n: adapters[n] for n in names}, batches)
     grid = sub.add_gridspec(2, len(names) + 1, height_ratios=[2.2, 1], width_ratios=[1] * len(names) + [1.5])
@@ -250,19 +251,19 @@ def draw_ranlora(sub, model, adapters, batches):
         m, z = adapters[n], seen[n]
         ax = sub.add_subplot(grid[0, col])
         hx = sub.add_subplot(grid[1, col], sharex=ax)
-        t = torch.linspace(z.min().item(), z.max().item(), 401, dtype=torch.float64)
-        ax.plot(t, t, ls="--", lw=1, color="0.55", label="z: the linear path at init (s B A = W_R)")
+        t = torch.linspace(z.min().item(), z.max().item(), 401)
+        ax.plot(t, t, ls="--", lw=1, color="0.55", label="z (no activation)")
         ax.plot(t, cpu(m.act(t.to(m.A.device))), lw=2, color="C0", label=f"{m.activation.upper()}(z)", gid=f"act:{n}")
         ax.set_title(short(n), fontsize=10)
         ax.grid(alpha=0.3)
-        for j in range(m.r):
+        for j in range(min(m.r, 4)):  # more would hide one another
             hx.hist(z[:, j].numpy(), bins=60, histtype="step", lw=1.3, color=f"C{j + 1}", label=f"channel {j + 1}", gid=f"z:{n}:{j}")
         hx.set_xlabel("z = A x, validation tokens")
         hx.grid(alpha=0.3)
         if col == 0:
             ax.set_ylabel("activation")
             hx.set_ylabel("count")
-            ax.legend(fontsize=8, loc="upper left")
+            ax.legend(fontsize=8, loc="lower right")  # GELU's empty corner
             hx.legend(fontsize=7)
     vax = sub.add_subplot(grid[:, -1])
     mods = list(adapters)
@@ -274,7 +275,8 @@ def draw_ranlora(sub, model, adapters, batches):
         for j in range(v.shape[1]):
             vax.plot(range(len(mods)), v[:, j], "o", color=f"C{j + 1}", label=f"v_{j + 1}", gid=f"v:{j}")
         vax.axhline(1.0, ls="--", lw=1, color="0.55", label="init: v = 1")
-        vax.set_xticks(range(len(mods)), [short(n) for n in mods], rotation=90, fontsize=7)
+        every = max(1, len(mods) // 24)  # a LLaMA has 100-odd modules: a readable subset of the names
+        vax.set_xticks(range(0, len(mods), every), [short(n) for n in mods[::every]], rotation=90, fontsize=7)
         vax.set(title="v, the modulation of each channel", ylabel="v_j")
         vax.title.set_fontsize(10)
         vax.legend(fontsize=8)
@@ -309,7 +311,7 @@ def draw_spectra(sub, adapters, rank, reference):
             if n.endswith("." + kind):
                 s = st["spectrum"]
                 ax.semilogy(range(1, len(s) + 1), s, marker=".", ms=4, lw=1.3, color=colors[layer_of(n)], label=f"layer {layer_of(n)}", gid=f"spectrum:{n}")
-                shown = max(shown, sum(v > floor for v in s))
+                shown = max(shown, sum(v > floor for v in s), sum(v > floor for v in ref.get(n, [])))
                 if n in ref:
                     ax.semilogy(range(1, len(ref[n]) + 1), ref[n], ls="--", lw=1, color="0.5", label="LoRA (same folder), same module", gid=f"lora:{n}")
         ax.axhline(0.005, ls=":", lw=1, color="C3", label="0.005: numerical-rank threshold")

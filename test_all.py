@@ -2890,15 +2890,15 @@ def test_plot_aurora_fixed_plus_spline_is_the_modules_sigma_over_the_z_it_saw(mo
         t, sigma = plot_data(fig, f"sigma:{key}")
         _, fixed = plot_data(fig, f"fixed:{key}")
         _, spline = plot_data(fig, f"spline:{key}")
-        np.testing.assert_allclose(fixed + spline, sigma, rtol=1e-6, atol=1e-9)  # the two parts make up sigma
+        np.testing.assert_allclose(fixed + spline, sigma, rtol=1e-5, atol=1e-6)  # the two parts make up sigma (float32, as the module)
         assert t[0] == pytest.approx(seen[n][:, j].min().item(), rel=1e-5) and t[-1] == pytest.approx(seen[n][:, j].max().item(), rel=1e-5)
         z = torch.zeros(len(t), m.r, dtype=torch.float64)
         z[:, j] = torch.from_numpy(t)
-        np.testing.assert_allclose(sigma, m.sigma(z)[:, j].detach().numpy(), rtol=1e-6, atol=1e-9)  # the module's sigma
+        np.testing.assert_allclose(sigma, m.sigma(z)[:, j].detach().numpy(), rtol=1e-5, atol=1e-6)  # the module's sigma
         H = m.H.detach().double().numpy()
-        np.testing.assert_allclose(fixed, np.tanh(np.tanh(z.numpy()) @ H.T)[:, j], rtol=1e-9, atol=1e-12)  # tanh(H tanh z)
+        np.testing.assert_allclose(fixed, np.tanh(np.tanh(z.numpy()) @ H.T)[:, j], rtol=1e-5, atol=1e-6)  # tanh(H tanh z)
         every = slice(None, None, 40)  # the float64 Cox-de Boor reference, at a few points
-        np.testing.assert_allclose(sigma[every], aurora_sigma_ref(z[every], m.H, m.W_s)[:, j].numpy(), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(sigma[every], aurora_sigma_ref(z[every], m.H, m.W_s)[:, j].numpy(), rtol=1e-5, atol=1e-6)
     plt.close(fig)
 
 
@@ -2935,7 +2935,7 @@ def test_plot_ranlora_gelu_over_the_range_of_Ax_and_v():
     for n in drawn:
         z, y = plot_data(fig, f"act:{n}")
         assert z[0] == pytest.approx(seen[n].min().item(), rel=1e-5) and z[-1] == pytest.approx(seen[n].max().item(), rel=1e-5)
-        np.testing.assert_allclose(y, 0.5 * z * (1 + np.vectorize(math.erf)(z / math.sqrt(2))), rtol=1e-6, atol=1e-9)  # exact GELU
+        np.testing.assert_allclose(y, 0.5 * z * (1 + np.vectorize(math.erf)(z / math.sqrt(2))), rtol=1e-5, atol=1e-6)  # exact GELU
     for j in range(2):
         np.testing.assert_array_equal(plot_data(fig, f"v:{j}")[1], [m.v[j].item() for m in adapters.values()])
     plt.close(fig)
