@@ -338,8 +338,11 @@ def lora_reference(out, base):
     path = os.path.join(os.path.dirname(os.path.abspath(out)), "lora", "adapter.pt")
     if not os.path.isfile(path):
         return {}, "no LoRA run in this\noutput folder to compare"
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ckpt.get("adapter") != "lora" or ckpt.get("base") != base:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # damaged or half-copied: the figure goes on without it (train.py's loader says why, if asked)
+        return {}, "the LoRA run in this output\nfolder is unreadable: not compared"
+    if not isinstance(ckpt, dict) or ckpt.get("adapter") != "lora" or ckpt.get("base") != base:
         return {}, "the LoRA run in this output\nfolder has another base: not compared"
     spectra = {}
     for n in {k.rsplit(".", 1)[0] for k in ckpt["state"]}:

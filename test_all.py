@@ -2800,6 +2800,10 @@ def test_plot_lora_reference_is_the_same_folders_lora_run_or_a_note(plot_run, tm
     assert spectra == {} and "another base" in note
     spectra, note = plots.lora_reference(tmp_path / "genlora", lora["base"])  # no lora/ next to it: said, not invented
     assert spectra == {} and "no LoRA run" in note
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "adapter.pt").write_bytes(b"half a file")  # damaged: no comparison, and no failure
+    spectra, note = plots.lora_reference(tmp_path / "genlora", lora["base"])
+    assert spectra == {} and "unreadable" in note
 
 
 def test_plot_without_matplotlib_the_run_succeeds_and_says_how(tmp_path, tiny_text, in_process, monkeypatch, capsys):
