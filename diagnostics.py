@@ -1,12 +1,11 @@
-"""What train.py measures on a trained adapter: the rank of its dW, merged vs unmerged, and the comparison
-of several methods (one table, one figure). Everything runs where the model lives, in float32."""
-import math
+"""What train.py measures on a trained adapter: the rank of its dW, merged vs unmerged, and the table that
+compares several methods (the pictures are in plots.py). Everything runs where the model lives, in float32."""
 import time
 
 import torch
 import torch.nn.functional as F
 
-from adapt import TARGETS, put
+from adapt import put
 
 
 
@@ -116,7 +115,7 @@ def merge_line(m):
 
 
 # ----------------------------------------------------------------------------------------------
-# comparing methods: one table, one figure
+# comparing methods: one table (the figure: plots.plot_compare)
 
 
 def compare_table(results):
@@ -131,45 +130,3 @@ def compare_table(results):
         lines.append(f"{name:<9} {m['trainable_params']:>10,} {m['val_loss_before']:>10.4f} {m['val_loss_after']:>9.4f} {m['tokens_per_s']:>8,.0f}  {merge:<26} {ranks}")
     return lines + ["rank columns: mean over adapted modules of dW's singular values > 0.005, ||dW||_F^2/||dW||_2^2, sum of sigma^2"]
 
-
-def plot_compare(results, path):
-    """The val-loss curves large on top; below, a grid with one panel per module type: the normalized spectrum
-    of dW (mean over layers); one legend for all. Returns False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    per_module = {name: (m["rank"] or {}).get("per_module") or {} for name, m in results.items()}
-    kinds = [f"{t}_proj" for t in TARGETS if any(n.endswith(f".{t}_proj") for pm in per_module.values() for n in pm)]
-    cols = min(3, max(1, len(kinds)))
-    rows = math.ceil(len(kinds) / cols)
-    fig = plt.figure(figsize=(12, 5 + 2.8 * rows))
-    grid = fig.add_gridspec(1 + rows, cols, height_ratios=[2.2] + [1] * rows, hspace=0.55, wspace=0.25)
-    colors = dict(zip(results, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    ax = fig.add_subplot(grid[0, :])
-    for name, m in results.items():
-        steps, losses = [0] + [c["step"] for c in m["curve"]], [m["val_loss_at_init"]] + [c["val_loss"] for c in m["curve"]]
-        label = name if per_module[name] else f"{name} (no weight-space ΔW: no spectrum)"
-        ax.plot(steps, losses, marker="o", ms=3, lw=1.8, color=colors[name], label=label)
-    ax.set(title="validation loss (one colour per method in every panel)", xlabel="step", ylabel="loss (nats per token)")
-    ax.legend(ncol=len(results), loc="upper right", fontsize=10)
-    ax.grid(alpha=0.3)
-    spectra = {(name, kind): [torch.tensor(s["spectrum"]) for n, s in pm.items() if n.endswith("." + kind)] for name, pm in per_module.items() for kind in kinds}
-    shown = max([int((s / s[0].clamp_min(1e-30) > 1e-4).sum()) for ss in spectra.values() for s in ss] or [1])
-    for i, kind in enumerate(kinds):
-        sax = fig.add_subplot(grid[1 + i // cols, i % cols])
-        for name in results:
-            ss = spectra.get((name, kind))
-            if ss:
-                k = min(len(s) for s in ss)
-                mean = torch.stack([s[:k] / s[0].clamp_min(1e-30) for s in ss]).mean(0)
-                sax.semilogy(range(1, k + 1), mean, marker=".", color=colors[name])
-        sax.set(title=f"{kind}: σ_i / σ_1 of ΔW, mean over layers", xlabel="i", ylim=(1e-4, 1.5), xlim=(0.5, shown + 1.5))
-        sax.title.set_fontsize(10)
-        sax.grid(alpha=0.3)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return True

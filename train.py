@@ -35,6 +35,7 @@ from tqdm import tqdm
 import adapt
 import data
 import diagnostics
+import plots
 from nanogpt_model import GPT, LLaMA, ByteTokenizer, GPTConfig, LLaMAConfig, generate, load_llama, load_tokenizer
 
 
@@ -127,6 +128,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt", default="The ", help="start of the generated sample (default: %(default)r)")
     p.add_argument("--sample-tokens", type=int, default=200, help="length of the generated sample (default: %(default)s)")
     p.add_argument("--rank-report", metavar="ADAPTER_PT", help="print the rank diagnostics of a saved adapter.pt and exit")
+    p.add_argument("--plot", metavar="ADAPTER_PT", help=f"draw what a saved adapter.pt learned into {plots.FIGURE} next to it (its activations from --data) and exit")
     args = p.parse_args(argv)
     args.names = list(ADAPTERS) if args.adapter == "all" else [n.strip() for n in args.adapter.split(",") if n.strip()]
     for n in args.names or [args.adapter]:
@@ -202,11 +204,7 @@ def prepare(args):
         raise UserError(f"--init-from {args.init_from}: {e}")
     if not tok.encode(args.prompt, bos=True):
         raise UserError(f"--prompt {args.prompt!r}: must give at least one token")
-    try:
-        text, skipped = data.read_texts(args.data) if args.data else (data.pydoc_topics(), 0)
-        train_data, val_data = data.split_tokens(tok.encode(text), args.block_size, "--data" if args.data else "pydoc topics")
-    except ValueError as e:
-        raise UserError(e)
+    train_data, val_data, skipped = read_data(args, tok)
     if skipped:
         log(f"data: skipped {skipped} file(s) that are not UTF-8 text")
     base = load_base(args)
@@ -216,6 +214,15 @@ def prepare(args):
     if DISTRIBUTED:
         torch.distributed.barrier()  # every process has decided whether to resume before rank 0 replaces a checkpoint
     return base, base_desc, tok, train_data, val_batches, val_before, jobs
+
+
+def read_data(args, tok):
+    """--data (default: Python's pydoc topics) as train and validation tokens, and the number of files skipped."""
+    try:
+        text, skipped = data.read_texts(args.data) if args.data else (data.pydoc_topics(), 0)
+        return (*data.split_tokens(tok.encode(text), args.block_size, "--data" if args.data else "pydoc topics"), skipped)
+    except ValueError as e:
+        raise UserError(e)
 
 
 def base_skeleton(args):
@@ -521,7 +528,7 @@ def finish(model, adapters, job, args, tok, base_desc, val_batches, info, state)
     """Save the adapter, then the diagnostics; a failure in one is one `error:` line, never the lost adapter."""
     metrics = {"adapter": job.name, "targets": job.targets, "kwargs": job.kwargs, "base": base_desc, **info, "steps": args.steps, "lr": job.lr,
                "val_loss_after": state.curve[-1]["val_loss"], "tokens_per_s": state.tokens / max(state.train_s, 1e-9), "curve": state.curve,
-               "sample": None, "rank": None, "merge": None, "errors": {}, "finish_s": {}}
+               "sample": None, "rank": None, "merge": None, "plot": None, "errors": {}, "finish_s": {}}
     t = time.perf_counter()
     atomic_save({"adapter": job.name, "targets": job.targets, "kwargs": job.kwargs, "base": base_desc, "state": adapt.adapter_state(adapters)},
                 os.path.join(job.out, "adapter.pt"))
@@ -532,7 +539,8 @@ def finish(model, adapters, job, args, tok, base_desc, val_batches, info, state)
     # the merge check's held-out sequences, about 2,048 tokens: plenty to see a 1e-4 gap (8 x 1024 took 1 s on a 1B model)
     x, y = (t[: max(1, min(8, 2048 // args.block_size))].to(args.device) for t in val_batches[0])
     for what, fn in (("sample", lambda: sample(model, adapters, tok, args)), ("rank", lambda: diagnostics.rank_report(adapters)),
-                     ("merge", lambda: diagnostics.merge_check(model, adapters, x, y))):
+                     ("merge", lambda: diagnostics.merge_check(model, adapters, x, y)),
+                     ("plot", lambda: plots.plot_adapter(model, adapters, val_batches, job.out, base_desc, metrics["rank"]))):
         t = time.perf_counter()
         try:
             metrics[what] = fn()
@@ -552,7 +560,8 @@ def finish(model, adapters, job, args, tok, base_desc, val_batches, info, state)
         log(diagnostics.merge_line(metrics["merge"]))
     if metrics["sample"] is not None:
         log(f"sample: {metrics['sample']!r}"[:400])
-    log(f"saved {job.out}/adapter.pt, metrics.json" + (", sample.txt" if metrics["sample"] is not None else ""))
+    figure = f", {plots.FIGURE}" if metrics["plot"] else "" if "plot" in metrics["errors"] else f" (pip install matplotlib for {plots.FIGURE})"
+    log(f"saved {job.out}/adapter.pt, metrics.json" + (", sample.txt" if metrics["sample"] is not None else "") + figure)
     return metrics
 
 
@@ -599,12 +608,21 @@ def run(job, base, base_desc, tok, train_data, val_batches, val_before, args):
 
 
 def report_saved_adapter(args):
-    """--rank-report: the rank diagnostics of a saved adapter.pt, on the base it was trained on."""
-    if not os.path.isfile(args.rank_report):
-        raise UserError(f"--rank-report {args.rank_report}: no such file")
-    load_adapter(copy.deepcopy(base_skeleton(args)[0]), args.rank_report)  # a wrong file fails before the base loads
-    adapters, ckpt = load_adapter(load_base(args).requires_grad_(False), args.rank_report)
-    log("\n".join(diagnostics.rank_lines(diagnostics.rank_report(adapters), f"{ckpt['adapter']} ({args.rank_report})")))
+    """--rank-report: the rank diagnostics of a saved adapter.pt, on the base it was trained on; --plot: its figure."""
+    path = args.rank_report or args.plot
+    if not os.path.isfile(path):
+        raise UserError(f"{'--rank-report' if args.rank_report else '--plot'} {path}: no such file")
+    if args.plot and not plots.pyplot():
+        raise UserError("--plot needs matplotlib: pip install matplotlib")
+    load_adapter(copy.deepcopy(base_skeleton(args)[0]), path)  # a wrong file fails before the base loads
+    model = load_base(args).requires_grad_(False)
+    adapters, ckpt = load_adapter(model, path)
+    if args.rank_report:
+        log("\n".join(diagnostics.rank_lines(diagnostics.rank_report(adapters), f"{ckpt['adapter']} ({path})")))
+        return
+    val = read_data(args, load_tokenizer(args.init_from) if args.init_from else ByteTokenizer())[1]  # the activations shown: as in training
+    batches = data.eval_batches(val, args.eval_iters, args.batch_size, args.block_size)
+    log(f"saved {plots.plot_adapter(model, adapters, batches, os.path.dirname(os.path.abspath(path)), ckpt['base'])}")
 
 
 def compare(results, args):
@@ -613,7 +631,7 @@ def compare(results, args):
     log("\n" + "\n".join(lines))
     atomic_save({"steps": args.steps, "seed": args.seed, "data": args.data, "table": lines[:-1], "methods": results}, os.path.join(args.out_dir, "compare.json"))
     png = os.path.join(args.out_dir, "compare.png")
-    log(f"saved {args.out_dir}/compare.json" + (f", {png}" if diagnostics.plot_compare(results, png) else " (pip install matplotlib for compare.png)"))
+    log(f"saved {args.out_dir}/compare.json" + (f", {png}" if plots.plot_compare(results, png) else " (pip install matplotlib for compare.png)"))
 
 
 def main(argv=None):
@@ -624,7 +642,7 @@ def main(argv=None):
                 args.device = f"cuda:{os.environ['LOCAL_RANK']}"
                 torch.cuda.set_device(args.device)
             torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-        if args.rank_report:
+        if args.rank_report or args.plot:
             report_saved_adapter(args)
             return 0
         base, base_desc, tok, train_data, val_batches, val_before, jobs = prepare(args)
