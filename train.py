@@ -35,6 +35,7 @@ from tqdm import tqdm
 import adapt
 import data
 import diagnostics
+import export
 from nanogpt_model import GPT, LLaMA, ByteTokenizer, GPTConfig, LLaMAConfig, generate, load_llama, load_tokenizer
 
 
@@ -127,6 +128,11 @@ def parse_args(argv=None):
     p.add_argument("--prompt", default="The ", help="start of the generated sample (default: %(default)r)")
     p.add_argument("--sample-tokens", type=int, default=200, help="length of the generated sample (default: %(default)s)")
     p.add_argument("--rank-report", metavar="ADAPTER_PT", help="print the rank diagnostics of a saved adapter.pt and exit")
+    saved = p.add_mutually_exclusive_group()
+    saved.add_argument("--generate", metavar="ADAPTER_PT", help="print a sample (--prompt, --sample-tokens, --seed) from a saved adapter.pt on its base and exit")
+    saved.add_argument("--export", nargs=2, metavar=("ADAPTER_PT", "OUT_DIR"), help="merge a saved adapter.pt into its --init-from base, "
+                       "write OUT_DIR as a HF LLaMA directory (LoRA: also OUT_DIR/peft/ for HF PEFT) and exit")
+    p.add_argument("--allow-approximate", action="store_true", help="--export an adapter whose merge only approximates it (AuroRA dynamic)")
     args = p.parse_args(argv)
     args.names = list(ADAPTERS) if args.adapter == "all" else [n.strip() for n in args.adapter.split(",") if n.strip()]
     for n in args.names or [args.adapter]:
@@ -606,6 +612,30 @@ def report_saved_adapter(args):
     log("\n".join(diagnostics.rank_lines(diagnostics.rank_report(adapters), f"{ckpt['adapter']} ({args.rank_report})")))
 
 
+def use_saved_adapter(args):
+    """--generate: a sample from a saved adapter.pt on its base; --export: that model merged, written by export.py."""
+    path, flag = (args.generate, "--generate") if args.generate else (args.export[0], "--export")
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path}: no such file")
+    adapters, _ = load_adapter(copy.deepcopy(base_skeleton(args)[0]), path)  # a wrong file fails before the base loads
+    try:
+        note = args.export and export.check(adapters, args.init_from, args.export[1], path, args.allow_approximate)
+        tok = args.generate and (load_tokenizer(args.init_from) if args.init_from else ByteTokenizer())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{flag}: {e}")
+    if args.generate and not tok.encode(args.prompt, bos=True):
+        raise UserError(f"--prompt {args.prompt!r}: must give at least one token")
+    if note:
+        log(note)
+    args.dtype = "float32" if args.export else args.dtype  # merged from the checkpoint's exact values, rounded once to its dtype
+    model = load_base(args).requires_grad_(False)
+    adapters, _ = load_adapter(model, path)
+    if args.generate:
+        print(sample(model, adapters, tok, args))
+    else:
+        log(f"saved {args.export[1]}: {', '.join(export.export(adapters, args.init_from, args.export[1]))}")
+
+
 def compare(results, args):
     """One table (also in compare.json) and one figure for several methods trained alike."""
     lines = diagnostics.compare_table(results)
@@ -625,6 +655,9 @@ def main(argv=None):
             torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
         if args.rank_report:
             report_saved_adapter(args)
+            return 0
+        if args.generate or args.export:
+            use_saved_adapter(args)
             return 0
         base, base_desc, tok, train_data, val_batches, val_before, jobs = prepare(args)
         results = {job.name: run(job, base, base_desc, tok, train_data, val_batches, val_before, args) for job in jobs}
