@@ -63,7 +63,7 @@ def measured_gap(adapter_pt):
         return "the gap was not measured: no merge result in a metrics.json next to the adapter"
 
 
-def export(adapters, base_dir, out_dir, max_shard_bytes=nanogpt_model.SHARD_BYTES):
+def export(adapters, base_dir, out_dir):
     """Write out_dir from the HF directory base_dir and the adapters, loaded on that base (in float32, so that
     merged() rounds once, to the checkpoint's dtype). Returns the files written. Everything goes to a temporary
     directory next to out_dir, renamed at the end: a failure leaves nothing half-written."""
@@ -79,7 +79,7 @@ def export(adapters, base_dir, out_dir, max_shard_bytes=nanogpt_model.SHARD_BYTE
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        files = nanogpt_model.write_hf_weights(tmp, tensors, max_shard_bytes)
+        files = nanogpt_model.write_hf_weights(tmp, tensors)  # sharded past nanogpt_model.SHARD_BYTES
         for f in ("config.json", *TOKENIZER_FILES):  # the base's config, its dtype included: the tensors keep it
             if (base / f).is_file():
                 shutil.copyfile(base / f, tmp / f)

@@ -554,18 +554,23 @@ def read_hf_weights(root):
     return raw
 
 
-def write_hf_weights(root, tensors, max_shard_bytes=SHARD_BYTES):
+def write_hf_weights(root, tensors, max_shard_bytes=None):
     """Write name -> tensor into the directory root as read_hf_weights (and transformers) read it: model.safetensors,
-    or past max_shard_bytes model-0000i-of-0000n.safetensors shards, filled in order as transformers fills them (a
-    tensor larger than the limit alone), with model.safetensors.index.json. Returns the names of the files written."""
-    root, shards, size = Path(root), [[]], 0
+    or past max_shard_bytes (default SHARD_BYTES) model-0000i-of-0000n.safetensors shards, split as transformers'
+    save_pretrained splits them (huggingface_hub), with model.safetensors.index.json. Returns the names of the files written."""
+    root, shards, current, size, max_shard_bytes = Path(root), [], [], 0, max_shard_bytes or SHARD_BYTES
     for name, t in tensors.items():
         n = t.numel() * t.element_size()
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
+        if n > max_shard_bytes:  # a tensor over the limit gets a shard of its own; the one being filled stays open
+            shards.append([name])
+            continue
+        if size + n > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
         size += n
+    if current or not shards:
+        shards.append(current)
     files = ["model.safetensors"] if len(shards) == 1 else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     for file, names in zip(files, shards):
         write_safetensors(root / file, {n: tensors[n] for n in names}, metadata={"format": "pt"})  # transformers wants "pt"

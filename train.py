@@ -326,12 +326,12 @@ def inject(model, name, targets, kwargs, quiet=False):
     return wrapped
 
 
-def load_adapter(model, path):
+def load_adapter(model, path, quiet=False):
     """Wrap a base model as recorded in adapter.pt and load the saved weights onto it, strictly."""
     ckpt = load_checkpoint(path, "adapter file")
     if not (isinstance(ckpt, dict) and {"adapter", "targets", "kwargs", "state"} <= ckpt.keys() and ckpt["adapter"] in ADAPTERS):
         raise UserError(f"{path}: not an adapter.pt written by train.py")
-    adapters = inject(model, ckpt["adapter"], ckpt["targets"], ckpt["kwargs"])
+    adapters = inject(model, ckpt["adapter"], ckpt["targets"], ckpt["kwargs"], quiet)
     try:
         adapt.load_strict(adapt.adapter_state(adapters, keep_vars=True), ckpt["state"])
     except ValueError as e:
@@ -607,7 +607,7 @@ def report_saved_adapter(args):
     """--rank-report: the rank diagnostics of a saved adapter.pt, on the base it was trained on."""
     if not os.path.isfile(args.rank_report):
         raise UserError(f"--rank-report {args.rank_report}: no such file")
-    load_adapter(copy.deepcopy(base_skeleton(args)[0]), args.rank_report)  # a wrong file fails before the base loads
+    load_adapter(copy.deepcopy(base_skeleton(args)[0]), args.rank_report, quiet=True)  # a wrong file fails before the base loads
     adapters, ckpt = load_adapter(load_base(args).requires_grad_(False), args.rank_report)
     log("\n".join(diagnostics.rank_lines(diagnostics.rank_report(adapters), f"{ckpt['adapter']} ({args.rank_report})")))
 
@@ -617,7 +617,7 @@ def use_saved_adapter(args):
     path, flag = (args.generate, "--generate") if args.generate else (args.export[0], "--export")
     if not os.path.isfile(path):
         raise UserError(f"{flag} {path}: no such file")
-    adapters, _ = load_adapter(copy.deepcopy(base_skeleton(args)[0]), path)  # a wrong file fails before the base loads
+    adapters, _ = load_adapter(copy.deepcopy(base_skeleton(args)[0]), path, quiet=True)  # a wrong file fails before the base loads
     try:
         note = args.export and export.check(adapters, args.init_from, args.export[1], path, args.allow_approximate)
         tok = args.generate and (load_tokenizer(args.init_from) if args.init_from else ByteTokenizer())
