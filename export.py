@@ -67,7 +67,7 @@ def export(adapters, base_dir, out_dir):
     """Write out_dir from the HF directory base_dir and the adapters, loaded on that base (in float32, so that
     merged() rounds once, to the checkpoint's dtype). Returns the files written. Everything goes to a temporary
     directory next to out_dir, renamed at the end: a failure leaves nothing half-written."""
-    base, out = Path(base_dir), Path(out_dir)
+    base, out = Path(base_dir), Path(out_dir).resolve()  # resolved: a name to put the temporary directory next to
     raw = nanogpt_model.read_hf_weights(base)  # mapped from the files: each tensor is read when it is written
     hf_name = {n.removeprefix("model."): n for n in raw}  # our module names are HF's without the "model." prefix
     tensors = dict(raw)

@@ -2923,15 +2923,15 @@ def test_export_refusals_are_one_line_before_the_base_loads_and_write_nothing(ll
             "generate-missing": ["--init-from", str(base), "--generate", str(tmp_path / "nope.pt")]}.get(case, ["--init-from", str(base), "--export", str(pt), str(out)])
     expected = {"ranlora-gelu": "has no weight-space update", "aurora-dynamic": "measured max |dlogits| 6.04 (relative 0.21), loss 2.2610 unmerged vs 2.2690 merged",
                 "aurora-dynamic-no-metrics": "the gap was not measured", "gpt": "built-in GPT is not a HF architecture", "meta": "is a Meta checkpoint",
-                "missing": "--export", "not-adapter": "not an adapter.pt", "not-empty": "not an empty directory", "out-is-file": "not an empty directory",
-                "both": "not allowed with", "generate-missing": "--generate"}[case]
+                "missing": "nope.pt", "not-adapter": "not an adapter.pt", "not-empty": "not an empty directory", "out-is-file": "not an empty directory",
+                "both": "not allowed with", "generate-missing": "nope.pt"}[case]
     status, err = run_in_process([*argv, "--device", "cpu", "--out-dir", str(tmp_path / "runs")], capsys, monkeypatch)
     lines = err.strip().splitlines()
     assert status == 2 and len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (status, err)
     if case.startswith("aurora"):
         assert "--allow-approximate" in lines[0]
     if case == "missing":
-        assert "no such file" in lines[0]
+        assert "no such file" in lines[0].lower()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"adapter.pt", "meta", "metrics.json", "out"} & {p.name for p in tmp_path.iterdir()})
     assert case in ("not-empty", "out-is-file") or not out.exists()
     assert case != "not-empty" or [p.name for p in out.iterdir()] == ["keep.txt"]

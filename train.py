@@ -130,8 +130,7 @@ def parse_args(argv=None):
     p.add_argument("--rank-report", metavar="ADAPTER_PT", help="print the rank diagnostics of a saved adapter.pt and exit")
     saved = p.add_mutually_exclusive_group()
     saved.add_argument("--generate", metavar="ADAPTER_PT", help="print a sample (--prompt, --sample-tokens, --seed) from a saved adapter.pt on its base and exit")
-    saved.add_argument("--export", nargs=2, metavar=("ADAPTER_PT", "OUT_DIR"), help="merge a saved adapter.pt into its --init-from base, "
-                       "write OUT_DIR as a HF LLaMA directory (LoRA: also OUT_DIR/peft/ for HF PEFT) and exit")
+    saved.add_argument("--export", nargs=2, metavar=("ADAPTER_PT", "OUT_DIR"), help="merge a saved adapter.pt into its --init-from base as a HF directory, and exit")
     p.add_argument("--allow-approximate", action="store_true", help="--export an adapter whose merge only approximates it (AuroRA dynamic)")
     args = p.parse_args(argv)
     args.names = list(ADAPTERS) if args.adapter == "all" else [n.strip() for n in args.adapter.split(",") if n.strip()]
@@ -615,9 +614,8 @@ def report_saved_adapter(args):
 def use_saved_adapter(args):
     """--generate: a sample from a saved adapter.pt on its base; --export: that model merged, written by export.py."""
     path, flag = (args.generate, "--generate") if args.generate else (args.export[0], "--export")
-    if not os.path.isfile(path):
-        raise UserError(f"{flag} {path}: no such file")
-    adapters, _ = load_adapter(copy.deepcopy(base_skeleton(args)[0]), path, quiet=True)  # a wrong file fails before the base loads
+    skeleton, base_desc = base_skeleton(args)
+    adapters, ckpt = load_adapter(copy.deepcopy(skeleton), path, quiet=True)  # a wrong file fails before the base loads
     try:
         note = args.export and export.check(adapters, args.init_from, args.export[1], path, args.allow_approximate)
         tok = args.generate and (load_tokenizer(args.init_from) if args.init_from else ByteTokenizer())
@@ -625,6 +623,8 @@ def use_saved_adapter(args):
         raise UserError(f"{flag}: {e}")
     if args.generate and not tok.encode(args.prompt, bos=True):
         raise UserError(f"--prompt {args.prompt!r}: must give at least one token")
+    if ckpt["base"] != base_desc:  # another base, or the same one by another path: say so, the shapes fit
+        log(f"note: {path} was trained on {ckpt['base']}, this is {base_desc}")
     if note:
         log(note)
     args.dtype = "float32" if args.export else args.dtype  # merged from the checkpoint's exact values, rounded once to its dtype
