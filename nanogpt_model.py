@@ -372,7 +372,7 @@ class LLaMA(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# safetensors, read by hand: 8-byte little-endian header length N, N bytes of JSON
+# safetensors, read and written by hand: 8-byte little-endian header length N, N bytes of JSON
 # {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}, then the data,
 # which the tensors must cover exactly, back to back. Checked as strictly as the safetensors library
 # (it rejects everything rejected here but duplicate names, which it silently resolves to the last).
@@ -464,6 +464,27 @@ def read_safetensors(path):
     return out
 
 
+def write_safetensors(path, tensors, metadata=None):
+    """Write name -> tensor as a safetensors file that read_safetensors and the safetensors library read back
+    bit for bit. As the library lays it out: widest dtypes first, then by name, and the header padded with
+    spaces to 8 bytes, so every tensor starts at a multiple of its own size (our reader maps it without a copy)."""
+    codes = {dtype: code for code, dtype in _ST_DTYPES.items()}
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    header, offset = {"__metadata__": dict(metadata)} if metadata else {}, 0
+    for name in order:
+        t = tensors[name]
+        if t.dtype not in codes:
+            raise ValueError(f"{path}: tensor {name!r} is {t.dtype}, which safetensors cannot store")
+        header[name] = {"dtype": codes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.numel() * t.element_size()]}
+        offset = header[name]["data_offsets"][1]
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for name in order:  # one tensor at a time, as raw bytes: a mapped base tensor is read once, never copied whole
+            f.write(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
 # ----------------------------------------------------------------------------------------------
 # the checkpoint loader
 
@@ -491,6 +512,23 @@ def _read_hf(root):
         cfg = LLaMAConfig.from_hf(json.loads((root / "config.json").read_text()))
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{root / 'config.json'}: {e if isinstance(e, ValueError) else f'bad or missing key {e}'}") from None
+    raw = read_hf_weights(root)
+    tensors, names = {}, {}
+    for name, t in raw.items():
+        ours = name.removeprefix("model.")
+        if ours.endswith("rotary_emb.inv_freq"):  # old transformers saved this derived buffer
+            continue
+        tensors[ours], names[ours] = t, name
+    return cfg, tensors, names
+
+
+# a HF directory's weights: model.safetensors, or shards listed by model.safetensors.index.json
+SHARD_BYTES = 5 * 2**30  # write_hf_weights starts a new shard past this (5 GiB, a common size of the Hub's LLaMA shards)
+
+
+def read_hf_weights(root):
+    """name -> tensor of a HF directory, the names as in its files (model.layers.0...), each shard checked against the index."""
+    root = Path(root)
     single, index = root / "model.safetensors", root / "model.safetensors.index.json"
     if single.is_file():
         raw = read_safetensors(single)
@@ -517,13 +555,35 @@ def _read_hf(root):
         raise ValueError(f"{root}: only pytorch_model.bin (a pickle) found; this loader reads safetensors only")
     else:
         raise FileNotFoundError(f"{root}: config.json but no model.safetensors or model.safetensors.index.json")
-    tensors, names = {}, {}
-    for name, t in raw.items():
-        ours = name.removeprefix("model.")
-        if ours.endswith("rotary_emb.inv_freq"):  # old transformers saved this derived buffer
+    return raw
+
+
+def write_hf_weights(root, tensors, max_shard_bytes=None):
+    """Write name -> tensor into the directory root as read_hf_weights (and transformers) read it: model.safetensors,
+    or past max_shard_bytes (default SHARD_BYTES) model-0000i-of-0000n.safetensors shards, split as transformers'
+    save_pretrained splits them (huggingface_hub), with model.safetensors.index.json. Returns the names of the files written."""
+    root, shards, current, size, max_shard_bytes = Path(root), [], [], 0, max_shard_bytes or SHARD_BYTES
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if n > max_shard_bytes:  # a tensor over the limit gets a shard of its own; the one being filled stays open
+            shards.append([name])
             continue
-        tensors[ours], names[ours] = t, name
-    return cfg, tensors, names
+        if size + n > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += n
+    if current or not shards:
+        shards.append(current)
+    files = ["model.safetensors"] if len(shards) == 1 else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    for file, names in zip(files, shards):
+        write_safetensors(root / file, {n: tensors[n] for n in names}, metadata={"format": "pt"})  # transformers wants "pt"
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": {n: file for file, names in zip(files, shards) for n in names}}
+        (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        files.append("model.safetensors.index.json")
+    return files
 
 
 # Meta name -> ours; q/k additionally get their rows permuted

@@ -35,6 +35,7 @@ from tqdm import tqdm
 import adapt
 import data
 import diagnostics
+import export
 import plots
 from nanogpt_model import GPT, LLaMA, ByteTokenizer, GPTConfig, LLaMAConfig, generate, load_llama, load_tokenizer
 
@@ -127,8 +128,12 @@ def parse_args(argv=None):
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT_DIR/<adapter>/ holds an interrupted run")
     p.add_argument("--prompt", default="The ", help="start of the generated sample (default: %(default)r)")
     p.add_argument("--sample-tokens", type=int, default=200, help="length of the generated sample (default: %(default)s)")
-    p.add_argument("--rank-report", metavar="ADAPTER_PT", help="print the rank diagnostics of a saved adapter.pt and exit")
-    p.add_argument("--plot", metavar="ADAPTER_PT", help=f"draw what a saved adapter.pt learned into {plots.FIGURE} next to it (its activations from --data) and exit")
+    saved = p.add_mutually_exclusive_group()  # a saved adapter.pt on its base, instead of training
+    saved.add_argument("--rank-report", metavar="ADAPTER_PT", help="print the rank diagnostics of a saved adapter.pt and exit")
+    saved.add_argument("--plot", metavar="ADAPTER_PT", help=f"draw what a saved adapter.pt learned into {plots.FIGURE} next to it (its activations from --data) and exit")
+    saved.add_argument("--generate", metavar="ADAPTER_PT", help="print a sample (--prompt, --sample-tokens, --seed) from a saved adapter.pt on its base and exit")
+    saved.add_argument("--export", nargs=2, metavar=("ADAPTER_PT", "OUT_DIR"), help="merge a saved adapter.pt into its --init-from base as a HF directory, and exit")
+    p.add_argument("--allow-approximate", action="store_true", help="--export an adapter whose merge only approximates it (AuroRA dynamic)")
     args = p.parse_args(argv)
     args.names = list(ADAPTERS) if args.adapter == "all" else [n.strip() for n in args.adapter.split(",") if n.strip()]
     for n in args.names or [args.adapter]:
@@ -327,12 +332,12 @@ def inject(model, name, targets, kwargs, quiet=False):
     return wrapped
 
 
-def load_adapter(model, path):
+def load_adapter(model, path, quiet=False):
     """Wrap a base model as recorded in adapter.pt and load the saved weights onto it, strictly."""
     ckpt = load_checkpoint(path, "adapter file")
     if not (isinstance(ckpt, dict) and {"adapter", "targets", "kwargs", "state"} <= ckpt.keys() and ckpt["adapter"] in ADAPTERS):
         raise UserError(f"{path}: not an adapter.pt written by train.py")
-    adapters = inject(model, ckpt["adapter"], ckpt["targets"], ckpt["kwargs"])
+    adapters = inject(model, ckpt["adapter"], ckpt["targets"], ckpt["kwargs"], quiet)
     try:
         adapt.load_strict(adapt.adapter_state(adapters, keep_vars=True), ckpt["state"])
     except ValueError as e:
@@ -607,22 +612,39 @@ def run(job, base, base_desc, tok, train_data, val_batches, val_before, args):
     return finish(model, adapters, job, args, tok, base_desc, val_batches, info, state) if RANK == 0 else None
 
 
-def report_saved_adapter(args):
-    """--rank-report: the rank diagnostics of a saved adapter.pt, on the base it was trained on; --plot: its figure."""
-    path = args.rank_report or args.plot
+def use_saved_adapter(args):
+    """--rank-report, --plot, --generate, --export: a saved adapter.pt on the base it was trained on."""
+    flag, path = next((f, p) for f, p in (("--rank-report", args.rank_report), ("--plot", args.plot), ("--generate", args.generate),
+                                          ("--export", args.export and args.export[0])) if p)
     if not os.path.isfile(path):
-        raise UserError(f"{'--rank-report' if args.rank_report else '--plot'} {path}: no such file")
+        raise UserError(f"{flag} {path}: no such file")
     if args.plot and not plots.pyplot():
         raise UserError("--plot needs matplotlib: pip install matplotlib")
-    load_adapter(copy.deepcopy(base_skeleton(args)[0]), path)  # a wrong file fails before the base loads
+    skeleton, base_desc = base_skeleton(args)
+    adapters, ckpt = load_adapter(copy.deepcopy(skeleton), path, quiet=True)  # a wrong file fails before the base loads
+    try:
+        note = args.export and export.check(adapters, args.init_from, args.export[1], path, args.allow_approximate)
+        tok = (args.generate or args.plot) and (load_tokenizer(args.init_from) if args.init_from else ByteTokenizer())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{flag}: {e}")
+    if args.generate and not tok.encode(args.prompt, bos=True):
+        raise UserError(f"--prompt {args.prompt!r}: must give at least one token")
+    if ckpt["base"] != base_desc:  # another base, or the same one by another path: say so, the shapes fit
+        log(f"note: {path} was trained on {ckpt['base']}, this is {base_desc}")
+    if note:
+        log(note)
+    args.dtype = "float32" if args.export else args.dtype  # merged from the checkpoint's exact values, rounded once to its dtype
     model = load_base(args).requires_grad_(False)
-    adapters, ckpt = load_adapter(model, path)
+    adapters, _ = load_adapter(model, path)
     if args.rank_report:
         log("\n".join(diagnostics.rank_lines(diagnostics.rank_report(adapters), f"{ckpt['adapter']} ({path})")))
-        return
-    val = read_data(args, load_tokenizer(args.init_from) if args.init_from else ByteTokenizer())[1]  # the activations shown: as in training
-    batches = data.eval_batches(val, args.eval_iters, args.batch_size, args.block_size)
-    log(f"saved {plots.plot_adapter(model, adapters, batches, os.path.dirname(os.path.abspath(path)), ckpt['base'])}")
+    elif args.plot:  # the activations shown: the validation batches of training
+        batches = data.eval_batches(read_data(args, tok)[1], args.eval_iters, args.batch_size, args.block_size)
+        log(f"saved {plots.plot_adapter(model, adapters, batches, os.path.dirname(os.path.abspath(path)), ckpt['base'])}")
+    elif args.generate:
+        print(sample(model, adapters, tok, args))
+    else:
+        log(f"saved {args.export[1]}: {', '.join(export.export(adapters, args.init_from, args.export[1]))}")
 
 
 def compare(results, args):
@@ -642,8 +664,8 @@ def main(argv=None):
                 args.device = f"cuda:{os.environ['LOCAL_RANK']}"
                 torch.cuda.set_device(args.device)
             torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-        if args.rank_report or args.plot:
-            report_saved_adapter(args)
+        if args.rank_report or args.plot or args.generate or args.export:
+            use_saved_adapter(args)
             return 0
         base, base_desc, tok, train_data, val_batches, val_before, jobs = prepare(args)
         results = {job.name: run(job, base, base_desc, tok, train_data, val_batches, val_before, args) for job in jobs}
