@@ -4,7 +4,7 @@ tokenizer.json), for timing train.py --init-from where no real checkpoint can be
     python tools/random_llama.py OUT_DIR            # the LLaMA-3.2-1B shape, bf16 (2.5 GB)
     python tools/random_llama.py OUT_DIR --tiny     # the same code path at toy size, for checking it on a CPU
 
-Only torch and this repository: safetensors is written by hand (8-byte header length, JSON header, raw bytes), and
+Only torch and this repository: safetensors is written by nanogpt_model.write_safetensors, and
 the tokenizer maps each byte to one token (ids 0-255), so any text encodes with no merges file.
 """
 import json
@@ -14,7 +14,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from nanogpt_model import LLaMA, LLaMAConfig, _byte_level_alphabet  # noqa: E402
+from nanogpt_model import LLaMA, LLaMAConfig, _byte_level_alphabet, write_safetensors  # noqa: E402
 
 LLAMA_32_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                    num_key_value_heads=8, rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=True,
@@ -22,22 +22,6 @@ LLAMA_32_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, 
                                  "original_max_position_embeddings": 8192})
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=2048, tie_word_embeddings=True)
-
-
-def write_safetensors(tensors, path):
-    names = {"BF16": torch.bfloat16, "F32": torch.float32}
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, t in tensors.items():
-        dtype = next(k for k, v in names.items() if v == t.dtype)
-        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.numel() * t.element_size()]}
-        offset += t.numel() * t.element_size()
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-    with open(path + ".tmp", "wb") as f:
-        f.write(len(raw).to_bytes(8, "little") + raw)
-        for t in tensors.values():
-            f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
-    os.replace(path + ".tmp", path)
 
 
 def main(out, tiny=False):
@@ -50,7 +34,9 @@ def main(out, tiny=False):
     for name, p in model.named_parameters():  # GPT-2-style init: the loss starts near ln(vocab), as a pretrained model's would be finite
         t = torch.ones(p.shape) if p.ndim == 1 else torch.randn(p.shape) * 0.02
         tensors["model." + name] = t.to(torch.float32 if tiny else torch.bfloat16)
-    write_safetensors(tensors, os.path.join(out, "model.safetensors"))
+    path = os.path.join(out, "model.safetensors")
+    write_safetensors(path + ".tmp", tensors, metadata={"format": "pt"})
+    os.replace(path + ".tmp", path)  # a half-written checkpoint never passes for a whole one
     hf = {"model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-5, **cfg}
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(hf, f, indent=1)
