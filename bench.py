@@ -49,6 +49,10 @@ PRESETS = {
                 ckpt=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
                           num_key_value_heads=4, vocab_size=32000)),
     "gpu": dict(model="llama", llama={}, batch=16, block=1024, dtype="bfloat16", reps=10, warmup=2, ckpt={}),
+    # SmolLM2-135M's shape (576 wide, 30 layers) at the README's SmolLM2 batch: small layers, where launches dominate
+    "gpu-small": dict(model="llama", llama=dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                                num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0),
+                      batch=8, block=256, dtype="bfloat16", reps=10, warmup=2, ckpt={}),
     # the GPU preset's code path at toy size, for checking it anywhere
     "tiny-llama": dict(model="llama", llama=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                                  num_key_value_heads=2, vocab_size=256), batch=2, block=32, dtype="float32",
@@ -297,7 +301,7 @@ def ratio(a, b):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=PRESETS, default="cpu")
-    p.add_argument("--device", default=None, help="default: cuda for --preset gpu, else cpu")
+    p.add_argument("--device", default=None, help="default: cuda for the gpu presets, else cpu")
     p.add_argument("--variants", default="floor," + ",".join(ADAPTERS) + ",aurora_static,hf_floor,peft")
     p.add_argument("--reps", type=int, help="timed steps per variant (default: the preset's)")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block of every model")
@@ -306,7 +310,7 @@ def main(argv=None):
     p.add_argument("--out", metavar="JSON", help="write the results here")
     args = p.parse_args(argv)
     cfg = PRESETS[args.preset]
-    device = torch.device(args.device or ("cuda" if args.preset == "gpu" else "cpu"))
+    device = torch.device(args.device or ("cuda" if args.preset.startswith("gpu") else "cpu"))
     dtype, reps = getattr(torch, cfg["dtype"]), args.reps or cfg["reps"]
     wanted, skip = args.variants.split(","), set(args.skip.split(","))
     if device.type == "cuda":
