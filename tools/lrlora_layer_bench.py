@@ -80,7 +80,7 @@ for copies in [int(c) for c in args.copies.split(",")]:
             lr.a.normal_(0, 0.01)
             lr.B.normal_(0, bstd) if bstd else None
         M = (lr.B @ lr.A).detach()
-        T = lrlora._table(M, lr.a.detach(), F.softplus(lr.beta.detach()), lr.g)[2].numel()
+        T = lrlora._grid(M, F.softplus(lr.beta.detach()))[2]  # the table's point count this layer uses
         rows[f"lrlora copies={copies} {bname} T={T}"] = timeit(lambda: step(lr, [lr.A, lr.B, lr.a, lr.beta]), args.reps)
 print(f"one layer {args.out} x {args.inn}, {args.tokens} tokens, {dt}, forward+backward, median of {args.reps}, {torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}")
 for k, v in rows.items():
