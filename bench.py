@@ -35,11 +35,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import adapt
 import train
 from nanogpt_model import GPT, GPTConfig, LLaMA, LLaMAConfig, load_llama
 
 ADAPTERS = ("lora", "genlora", "lrlora", "aurora", "ranlora")
-TARGETS = ["q", "k", "v", "o", "gate", "up", "down"]  # the built-in GPT has no gate: inject says so
+TARGETS = list(adapt.TARGETS)  # every projection; the built-in GPT has no gate: inject says so
 PRESETS = {
     # name: model, batch, block, dtype, ranks, repetitions, warm-up steps
     "tiny": dict(model="gpt", gpt=dict(n_layer=2, n_head=2, n_embd=32, block_size=32), batch=4, block=32,

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from adapt import put
 
 
-
 # ----------------------------------------------------------------------------------------------
 # rank diagnostics: what the papers' rank claims are about
 

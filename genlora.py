@@ -118,10 +118,9 @@ class GenLoRALinear(nn.Module):
         # autocast would, so the x-sized matmuls run there: a float32 copy of x per adapter cost more than GenLoRA
         # itself (bench.py, H100, bf16 LLaMA-1B: 437 -> 339 ms/step, 68.4 -> 54.4 GiB peak)
         ct = torch.promote_types(x.dtype, torch.float32)
-        # The second matmul adds into W0 x in place (addmm_, beta = 1, alpha = scale), as in lora.py
         A, B = self.generate(self.z_A, self.theta_A, ct).T, self.generate(self.z_B, self.theta_B, ct)
         x2 = x.reshape(-1, x.shape[-1])
-        h = self.base(x2)
+        h = self.base(x2)  # the second matmul adds into W0 x in place (addmm_, beta = 1, alpha = scale), as in lora.py
         h.addmm_(F.linear(self.dropout(x2), A.to(h.dtype)), B.to(h.dtype).T, alpha=self.scale)  # Eq. 4
         return h.view(*x.shape[:-1], -1)
 
