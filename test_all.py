@@ -1668,6 +1668,60 @@ def test_ranlora_gelu_init_gap_matches_an_independent_float64_recomputation():
     assert (a.init_gap(x).double() - expected).abs().max() <= tol
 
 
+def test_ranlora_literal_init_is_eq7_as_printed():
+    """init="literal": B = U_r S_r^1/2, A = S_r^1/2 V_r^T with no division by s, so s B A = s W_R; the base is
+    W_P = W0 - W_R as in the default, whose factors are the literal ones divided by sqrt(s)."""
+    base = ranlora_spaced_linear(40, 64)
+    W0 = base.weight.detach().double()
+    lit, ours = RanLoRALinear(base, init="literal"), RanLoRALinear(base)
+    U, S, Vh = ranlora_smallest_triplets_f64(base.weight, 2)
+    W_R = (U * S) @ Vh
+    assert lit.scale == ours.scale == 2.0 and lit.init_scale == 1.0 and ours.init_scale == 2.0
+    torch.testing.assert_close(lit.B.double(), U * S.sqrt(), rtol=0, atol=1e-5)  # Eq. 7 printed
+    torch.testing.assert_close(lit.A.double(), S.sqrt()[:, None] * Vh, rtol=0, atol=1e-5)
+    torch.testing.assert_close(lit.scale * (lit.B @ lit.A).double(), lit.scale * W_R, rtol=0, atol=1e-5)  # s B A = s W_R
+    torch.testing.assert_close(lit.base.weight.double(), W0 - W_R, rtol=0, atol=1e-5)  # W_P = W0 - W_R (Eq. 6)
+    torch.testing.assert_close(lit.base.weight, ours.base.weight)
+    torch.testing.assert_close(lit.B, ours.B * 2.0**0.5)
+    torch.testing.assert_close(ours.scale * (ours.B @ ours.A).double(), W_R, rtol=0, atol=1e-5)  # ours: s B A = W_R
+
+
+@pytest.mark.parametrize("shape", [(40, 72), (72, 40)])
+def test_ranlora_principal_init_takes_the_r_largest_triplets(shape):
+    """Table 16's principal-aware init: A, B on the r largest singular directions, s B A = their part of W0,
+    the frozen base keeps the rest of the spectrum (W0's top r singular values gone)."""
+    r = 3
+    base = ranlora_spaced_linear(*shape)
+    a = RanLoRALinear(base, r=r, init="principal")
+    U, S, Vh = torch.linalg.svd(base.weight.double(), full_matrices=False)
+    k = min(shape)
+    assert (ranlora_projector(a.B) - U[:, :r] @ U[:, :r].T).abs().max() < 1e-5
+    assert (ranlora_projector(a.A.T) - Vh[:r].T @ Vh[:r]).abs().max() < 1e-5
+    torch.testing.assert_close(torch.linalg.svdvals((a.scale * a.B @ a.A).double())[:r], S[:r], rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.linalg.svdvals(a.base.weight.double())[: k - r], S[r:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close((a.base.weight + a.scale * a.B @ a.A).double(), base.weight.double(), rtol=0, atol=1e-4)
+    x = torch.randn(5, shape[1])
+    with torch.no_grad():  # init_gap is forward - W0 x for this init too
+        torch.testing.assert_close(a.init_gap(x), a(x) - base(x), rtol=0, atol=1e-4)
+
+
+def test_ranlora_literal_init_cancels_the_first_order_init_gap():
+    """On a random layer: the default's gap s B (GELU(A x) - A x) ~ -W_R x / 2 is first order in x; the literal
+    reading's B (2 GELU(A x) - A x) is second order (2 GELU'(0) = 1), so it shrinks as eps^2 when x -> eps x."""
+    torch.manual_seed(0)
+    base = ranlora_linear(48, 64).double()
+    x = torch.randn(32, 64, dtype=torch.float64)
+    gap = {}
+    for init in ("residual", "literal"):
+        a = RanLoRALinear(base, init=init).double()
+        with torch.no_grad():
+            gap[init] = [(a(eps * x) - base(eps * x)).abs().max().item() for eps in (1e-1, 1e-2)]
+            assert (a.init_gap(x) - (a(x) - base(x))).abs().max() < 1e-6  # init_gap measures the same thing
+    assert 8 < gap["residual"][0] / gap["residual"][1] < 12  # first order: x 1/10
+    assert 80 < gap["literal"][0] / gap["literal"][1] < 120  # second order: x 1/100
+    assert gap["literal"][1] < gap["residual"][1] / 50
+
+
 def test_ranlora_adapter_state_round_trip_reproduces_outputs():
     """As train.py does: save the state minus base.*, wrap a fresh copy of the base again (re-running
     the SVD, hence the same W_P), load A, B, v."""

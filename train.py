@@ -111,7 +111,9 @@ def parse_args(argv=None):
     m.add_argument("--fixed-activation", choices=["tanh", "leaky_relu", "sigmoid"], help="AuroRA variant (Table 5): the activation in F")
     m.add_argument("--activation", choices=["gelu", "relu", "tanh", "identity"], help="RanLoRA: nonlinearity on A x")
     m.add_argument("--no-modulation", dest="modulation", action="store_const", const=False, help="RanLoRA variant (Table 6, w/o v)")
-    m.add_argument("--ranlora-init", dest="init", choices=["residual", "kaiming"], help="RanLoRA: residual SVD init, or kaiming (Table 6, w/o rai)")
+    m.add_argument("--ranlora-init", dest="init", choices=["residual", "literal", "principal", "kaiming"],
+                   help="RanLoRA: residual SVD init with s B A = W_R, literal (Eq. 7 as printed: s B A = s W_R), principal (Table 16: "
+                        "the largest triplets) or kaiming (Table 6, w/o rai)")
     p.add_argument("--steps", type=int, default=300, help="training steps (default: %(default)s)")
     p.add_argument("--batch-size", type=int, help="global batch, split across torchrun processes (default: 32 on the built-in GPT, 8 on LLaMA)")
     p.add_argument("--block-size", type=int, help="tokens per sequence (default: 128 on the built-in GPT, its fixed context; 256 on LLaMA)")
