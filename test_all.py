@@ -2789,9 +2789,26 @@ def test_train_init_from_tiny_llama3_checkpoint(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --init-from") and "Traceback" not in bad.stderr
 
 
+def test_train_schedule_is_each_papers_with_init_from_and_unchanged_on_the_builtin_gpt():
+    """--init-from: linear warm-up (100 steps; LR-LoRA 10%, App. E.1), then linear decay to 0, the warm-up capped at 10%
+    of short runs; the built-in GPT keeps 20 warm-up steps and cosine to 10%."""
+    f = train.lr_factor
+    assert [f(s, 1000, 100, "linear") for s in (0, 49, 99, 100, 550)] == [0.01, 0.5, 1.0, 1.0, 0.5]
+    assert f(999, 1000, 100, "linear") == pytest.approx(1 / 900) and f(1000, 1000, 100, "linear") == 0.0
+    assert [f(s, 300) for s in (0, 19, 20)] == [0.05, 1.0, 1.0] and f(299, 300) == pytest.approx(0.1, abs=1e-4)
+    assert f(160, 300) == pytest.approx(0.55)  # cosine: halfway through the decay, halfway from 1 to 0.1
+    def sched(adapter, steps, init_from="ckpt"):
+        return train.schedule(adapter, train.parse_args(["--steps", str(steps), "--device", "cpu"] + ["--init-from", init_from] * bool(init_from)))
+    for name in ("lora", "genlora", "aurora", "ranlora"):
+        assert sched(name, 1000) == sched(name, 5000) == (100, "linear") and sched(name, 300) == (30, "linear")
+    assert sched("lrlora", 1000) == (100, "linear") and sched("lrlora", 5000) == (500, "linear")
+    assert sched("lrlora", 300) == (30, "linear") and sched("genlora", 6) == (1, "linear")
+    assert sched("genlora", 1000, init_from=None) == (train.WARMUP, "cosine") == (20, "cosine")
+
+
 def test_llama_train_init_from_smollm2_every_adapter(llama_smollm2_dir, tmp_path):
     """Real pretrained weights, every adapter on q and v (to keep CI short), a small slice of the pydoc topics text,
-    train.py's --init-from defaults (each adapter's llm_lr, dropout 0.05, warm-up 10%): the val loss falls for each."""
+    train.py's --init-from defaults (each adapter's llm_lr, dropout 0.05, its paper's schedule): the val loss falls for each."""
     data = tmp_path / "data.txt"
     data.write_text(llama_pydoc_text()[:30_000])
     r = llama_train("--init-from", str(llama_smollm2_dir), "--adapter", "all", "--targets", "q,v", "--data", str(data),

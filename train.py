@@ -47,13 +47,17 @@ class Adapter:  # one adapter file: its class, and train.py's defaults for it (a
     targets: str  # from its paper, where the model has those projections (the built-in GPT has no gate_proj)
     lr: float  # on the built-in GPT: chosen so that the default run is stable
     llm_lr: float  # with --init-from (a real LLM): the paper's LLM lr where it gives one, checked on SmolLM2-135M
+    # with --init-from: linear warm-up over this many steps (below 1: this fraction of --steps), then linear decay to 0,
+    # as the papers train LLMs; 100 steps is the LLM-Adapters harness (Hu et al., 2023) that GenLoRA, AuroRA and RanLoRA
+    # train in, and in which their LoRA baselines ran: LoRA gets it too
+    llm_warmup: float = 100
 
 
 ADAPTERS = {
     "lora": Adapter("lora", "LoRALinear", "q,k,v,o,gate,up,down", 1e-3, 3e-4),
     "genlora": Adapter("genlora", "GenLoRALinear", "q,k,v", 5e-3, 5e-3),  # the paper's commonsense lr
     # LR-LoRA: 1e-2 diverges on the built-in GPT; on SmolLM2 3e-4 first raises the val loss (f(0)'s all-ones term), 1e-4 does not
-    "lrlora": Adapter("lrlora", "LRLoRALinear", "q,k,v,o,gate,up,down", 1e-3, 1e-4),
+    "lrlora": Adapter("lrlora", "LRLoRALinear", "q,k,v,o,gate,up,down", 1e-3, 1e-4, llm_warmup=0.1),  # App. E.1: warm-up ratio 0.10
     "aurora": Adapter("aurora", "AuroRALinear", "q,k,v,up,down", 1e-2, 3e-4),  # the paper: 5e-3 to 1.5e-2 small models, 3e-4 LLMs
     "ranlora": Adapter("ranlora", "RanLoRALinear", "q,k,v,up,down", 3e-3, 1e-4),  # the paper's LLM lr 1e-4
 }
@@ -61,7 +65,7 @@ LLM_DROPOUT = 0.05  # with --init-from: the adapter dropout all four papers use 
 # command-line dest -> adapter constructor keyword, passed when the adapter's __init__ takes it
 ADAPTER_KWARGS = ("r", "alpha", "dropout", "groups", "num_centers", "freeze_latents", "normalize", "grid_size", "grid_range",
                   "learn_bandwidth", "mode", "fixed", "learnable", "fixed_activation", "activation", "modulation", "init")
-WARMUP, GRAD_CLIP = 20, 1.0  # linear warm-up steps (--init-from: 10% of the steps, the papers' LLM setup) and gradient-norm clip
+WARMUP, GRAD_CLIP = 20, 1.0  # the built-in GPT's linear warm-up steps (--init-from: the adapter's llm_warmup) and gradient-norm clip
 RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 DISTRIBUTED = "LOCAL_RANK" in os.environ  # started by torchrun (even with one process: DDP all the same)
 
@@ -178,6 +182,7 @@ class Job:  # one adapter's run, resolved before any expensive work
     lr: float
     out: str  # <out-dir>/<name>
     signature: dict  # what must match for an interrupted run to resume
+    schedule: tuple = (WARMUP, "cosine")  # (warm-up steps, decay): see schedule()
     resume: bool = False  # out/<name>/ holds an interrupted run with this signature
 
 
@@ -193,9 +198,10 @@ def prepare(args):
         targets, kwargs = parse_targets(ADAPTERS[name].targets if args.targets is None else args.targets), adapter_kwargs(name, args)
         inject(copy.deepcopy(skeleton), name, targets, kwargs, quiet=True)  # on the meta device: bad ranks, groups, targets
         lr = args.lr if args.lr is not None else ADAPTERS[name].llm_lr if args.init_from else ADAPTERS[name].lr
+        sched = schedule(name, args)
         signature = {"adapter": name, "targets": targets, "kwargs": kwargs, "lr": lr, "steps": args.steps, "batch_size": args.batch_size,
-                     "block_size": args.block_size, "seed": args.seed, "data": args.data, "base": base_desc, "world": WORLD}
-        jobs.append(Job(name, targets, kwargs, lr, os.path.join(args.out_dir, name), signature))
+                     "block_size": args.block_size, "seed": args.seed, "data": args.data, "base": base_desc, "world": WORLD, "schedule": list(sched)}
+        jobs.append(Job(name, targets, kwargs, lr, os.path.join(args.out_dir, name), signature, schedule=sched))
         ckpt, done = os.path.join(jobs[-1].out, "ckpt.pt"), os.path.join(jobs[-1].out, "adapter.pt")
         if os.path.exists(ckpt) and not args.no_resume:  # never overwrite a result silently: resume it, or ask
             saved = load_checkpoint(ckpt, "checkpoint (pass --no-resume to start over)").get("signature")
@@ -379,6 +385,7 @@ class Loop:
     eval_interval: int
     compile: bool = False
     warmup: int = WARMUP
+    decay: str = "cosine"  # after the warm-up: "cosine" to 10% of the peak, or "linear" to 0 (see lr_factor)
 
 
 @dataclass
@@ -414,11 +421,24 @@ def evaluate(model, batches, args):
     return sum(losses) / len(losses)
 
 
-def lr_factor(step, steps, warmup=WARMUP):
-    """Linear warm-up, then cosine decay to 10% of the peak."""
+def lr_factor(step, steps, warmup=WARMUP, decay="cosine"):
+    """Linear warm-up over `warmup` steps (the first step already at 1/warmup), then cosine decay to 10% of the peak,
+    or linear decay to 0 (HF's get_linear_schedule_with_warmup, the papers' LLM schedule: the last step at 1/(steps - warmup))."""
     if step < warmup:
         return (step + 1) / warmup
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
+    t = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return 1.0 - t if decay == "linear" else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def schedule(name, args):
+    """(warm-up steps, decay) of a fine-tuning run. With --init-from: the adapter's paper schedule, linear warm-up over
+    its llm_warmup then linear decay to 0, the warm-up capped at 10% of the run (the papers train for thousands of
+    steps; at 1,000 steps and more the cap changes nothing, below it a run would otherwise mostly warm up).
+    On the built-in GPT: WARMUP steps, then cosine to 10%."""
+    if not args.init_from:
+        return WARMUP, "cosine"
+    w = ADAPTERS[name].llm_warmup
+    return max(1, min(round(w * args.steps if w < 1 else w), args.steps // 10)), "linear"
 
 
 def atomic_save(obj, path):
@@ -489,7 +509,7 @@ def train(model, opt, tokens, val_batches, loop, args, ckpt_path, signature, des
                     break
                 t0 = time.perf_counter()
                 for g in opt.param_groups:
-                    g["lr"] = loop.lr * lr_factor(step, loop.steps, loop.warmup)
+                    g["lr"] = loop.lr * lr_factor(step, loop.steps, loop.warmup, loop.decay)
                 torch.manual_seed(data.step_seed(loop.seed, step, rank))  # dropout, if any: also a function of the step
                 x, y = data.get_batch(tokens, step, loop.batch_size, loop.block_size, loop.seed, world, rank)
                 with autocast(args):
@@ -608,8 +628,8 @@ def run(job, base, base_desc, tok, train_data, val_batches, val_before, args):
             f"{sum(x.numel() for x, _ in val_batches):,} tokens; adapter init {info['init_seconds']:.2f} s; init gap max |dlogits| "
             f"{info['init_gap_max_abs_logit_diff']:.3g}; val loss {val_before:.4f} before, {info['val_loss_at_init']:.4f} at init")
     opt = torch.optim.AdamW(params, lr=job.lr, weight_decay=0.0)
-    warmup = max(1, args.steps // 10) if args.init_from else WARMUP
-    loop = Loop(args.steps, job.lr, args.batch_size, args.block_size, args.seed, args.eval_interval, args.compile, warmup)
+    info["schedule"] = {"warmup": job.schedule[0], "decay": job.schedule[1]}
+    loop = Loop(args.steps, job.lr, args.batch_size, args.block_size, args.seed, args.eval_interval, args.compile, *job.schedule)
     state = train(model, opt, train_data, val_batches, loop, args, os.path.join(job.out, "ckpt.pt"), job.signature, job.name, job.resume)
     return finish(model, adapters, job, args, tok, base_desc, val_batches, info, state) if RANK == 0 else None
 
