@@ -37,6 +37,7 @@ import data
 import diagnostics
 import export
 import plots
+import task
 from nanogpt_model import GPT, LLaMA, ByteTokenizer, GPTConfig, LLaMAConfig, generate, load_llama, load_tokenizer
 
 
@@ -61,6 +62,7 @@ ADAPTERS = {
     "aurora": Adapter("aurora", "AuroRALinear", "q,k,v,up,down", 1e-2, 3e-4),  # the paper: 5e-3 to 1.5e-2 small models, 3e-4 LLMs
     "ranlora": Adapter("ranlora", "RanLoRALinear", "q,k,v,up,down", 3e-3, 1e-4),  # the paper's LLM lr 1e-4
 }
+FINISH_STEPS = ("task", "sample", "rank", "merge", "plot")  # after the last step, each failing alone (see finish)
 LLM_DROPOUT = 0.05  # with --init-from: the adapter dropout all four papers use on LLMs (the built-in GPT: the adapter's own)
 # command-line dest -> adapter constructor keyword, passed when the adapter's __init__ takes it
 ADAPTER_KWARGS = ("r", "alpha", "dropout", "groups", "num_centers", "freeze_latents", "normalize", "grid_size", "grid_range",
@@ -134,6 +136,10 @@ def parse_args(argv=None):
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT_DIR/<adapter>/ holds an interrupted run")
     p.add_argument("--prompt", default="The ", help="start of the generated sample (default: %(default)r)")
     p.add_argument("--sample-tokens", type=int, default=200, help="length of the generated sample (default: %(default)s)")
+    p.add_argument("--task-eval", metavar="FILE", help="a task file (tools/make_task.py): greedy exact-match accuracy on its problems "
+                                                       "before and after training, into metrics.json (task.py)")
+    p.add_argument("--skip", default="", type=lambda v: [w for w in v.split(",") if w], metavar="LIST",
+                   help="what not to run after the last step, a comma list of " + ", ".join(FINISH_STEPS) + " (tools/study.py skips sample,plot)")
     saved = p.add_mutually_exclusive_group()  # a saved adapter.pt on its base, instead of training
     saved.add_argument("--rank-report", metavar="ADAPTER_PT", help="print the rank diagnostics of a saved adapter.pt and exit")
     saved.add_argument("--plot", metavar="ADAPTER_PT", help=f"draw what a saved adapter.pt learned into {plots.FIGURE} next to it (its activations from --data) and exit")
@@ -163,6 +169,8 @@ def parse_args(argv=None):
     for k in ("steps", "batch_size", "block_size", "eval_interval", "eval_iters", "base_steps", "sample_tokens"):
         if getattr(args, k) < 1:
             raise UserError(f"--{k.replace('_', '-')} {getattr(args, k)}: must be at least 1")
+    if set(args.skip) - set(FINISH_STEPS):
+        raise UserError(f"--skip {','.join(args.skip)}: choose from {', '.join(FINISH_STEPS)}")
     if args.lr is not None and not args.lr >= 0:
         raise UserError(f"--lr {args.lr:g}: must be 0 or more")
     if args.batch_size % WORLD:
@@ -215,6 +223,10 @@ def prepare(args):
         tok = load_tokenizer(args.init_from) if args.init_from else ByteTokenizer()
     except (OSError, ValueError) as e:
         raise UserError(f"--init-from {args.init_from}: {e}")
+    try:
+        args.task_problems = task.load(args.task_eval)["problems"] if args.task_eval else None
+    except ValueError as e:
+        raise UserError(f"--task-eval {e}")
     if not tok.encode(args.prompt, bos=True):
         raise UserError(f"--prompt {args.prompt!r}: must give at least one token")
     train_data, val_data, skipped = read_data(args, tok)
@@ -224,6 +236,7 @@ def prepare(args):
     base.requires_grad_(False)
     val_batches = data.eval_batches(val_data, args.eval_iters, args.batch_size, args.block_size)
     val_before = evaluate(base, val_batches, args) if RANK == 0 else None
+    args.task_before = task_accuracy(base, tok, args) if args.task_eval and RANK == 0 else None  # the base model's (step 0)
     if DISTRIBUTED:
         torch.distributed.barrier()  # every process has decided whether to resume before rank 0 replaces a checkpoint
     return base, base_desc, tok, train_data, val_batches, val_before, jobs
@@ -408,6 +421,11 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def task_accuracy(model, tok, args):
+    """--task-eval: greedy exact-match accuracy on the task file's problems (task.py)."""
+    return task.accuracy(model, tok, args.task_problems, args.device, lambda: autocast(args))
+
+
 @torch.no_grad()
 def evaluate(model, batches, args):
     was_training = model.training
@@ -556,6 +574,8 @@ def finish(model, adapters, job, args, tok, base_desc, val_batches, info, state)
     metrics = {"adapter": job.name, "targets": job.targets, "kwargs": job.kwargs, "base": base_desc, **info, "steps": args.steps, "lr": job.lr,
                "val_loss_after": state.curve[-1]["val_loss"], "tokens_per_s": state.tokens / max(state.train_s, 1e-9), "curve": state.curve,
                "sample": None, "rank": None, "merge": None, "plot": None, "errors": {}, "finish_s": {}}
+    if args.task_eval:
+        metrics.update(task_file=args.task_eval, task_before=args.task_before, task=None)
     t = time.perf_counter()
     atomic_save({"adapter": job.name, "targets": job.targets, "kwargs": job.kwargs, "base": base_desc, "state": adapt.adapter_state(adapters)},
                 os.path.join(job.out, "adapter.pt"))
@@ -565,9 +585,12 @@ def finish(model, adapters, job, args, tok, base_desc, val_batches, info, state)
     metrics["finish_s"]["save"] = time.perf_counter() - t
     # the merge check's held-out sequences, about 2,048 tokens: plenty to see a 1e-4 gap (8 x 1024 took 1 s on a 1B model)
     x, y = (t[: max(1, min(8, 2048 // args.block_size))].to(args.device) for t in val_batches[0])
-    for what, fn in (("sample", lambda: sample(model, adapters, tok, args)), ("rank", lambda: diagnostics.rank_report(adapters)),
+    steps = [("task", lambda: task_accuracy(model, tok, args))] if args.task_eval else []
+    for what, fn in steps + [("sample", lambda: sample(model, adapters, tok, args)), ("rank", lambda: diagnostics.rank_report(adapters)),
                      ("merge", lambda: diagnostics.merge_check(model, adapters, x, y)),
-                     ("plot", lambda: plots.plot_adapter(model, adapters, val_batches, job.out, base_desc, metrics["rank"]))):
+                     ("plot", lambda: plots.plot_adapter(model, adapters, val_batches, job.out, base_desc, metrics["rank"]))]:
+        if what in args.skip:
+            continue
         t = time.perf_counter()
         try:
             metrics[what] = fn()
@@ -583,11 +606,14 @@ def finish(model, adapters, job, args, tok, base_desc, val_batches, info, state)
     atomic_save(metrics, os.path.join(job.out, "metrics.json"))
     log(f"val loss {metrics['val_loss_before']:.4f} -> {metrics['val_loss_after']:.4f}; {metrics['tokens_per_s']:,.0f} tokens/s; "
         f"after the last step: {', '.join(f'{k} {v:.2f} s' for k, v in metrics['finish_s'].items())}")
+    if metrics.get("task"):
+        log(f"task accuracy {metrics['task_before']['accuracy']:.1%} -> {metrics['task']['accuracy']:.1%} "
+            f"({metrics['task']['n']} problems of {args.task_eval}, {metrics['task']['seconds']:.1f} s)")
     if metrics["merge"]:
         log(diagnostics.merge_line(metrics["merge"]))
     if metrics["sample"] is not None:
         log(f"sample: {metrics['sample']!r}"[:400])
-    figure = f", {plots.FIGURE}" if metrics["plot"] else "" if "plot" in metrics["errors"] else f" (pip install matplotlib for {plots.FIGURE})"
+    figure = f", {plots.FIGURE}" if metrics["plot"] else "" if "plot" in metrics["errors"] or "plot" in args.skip else f" (pip install matplotlib for {plots.FIGURE})"
     log(f"saved {job.out}/adapter.pt, metrics.json" + (", sample.txt" if metrics["sample"] is not None else "") + figure)
     return metrics
 
