@@ -33,7 +33,7 @@ def normalize(text):
         return s
     if not d.is_finite():
         return s
-    d = d.normalize()
+    d = d.normalize() if d else Decimal(0)  # "-0", "0.00" -> "0"
     return str(d.quantize(1)) if d == d.to_integral_value() else format(d, "f")
 
 
