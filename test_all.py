@@ -3292,3 +3292,66 @@ def test_generate_from_a_saved_adapter_prints_what_training_sampled(tmp_path, ti
     torch.save({**ckpt, "state": {k: v * 0 if k.endswith(".B") else v for k, v in ckpt["state"].items()}}, tmp_path / "zero.pt")
     assert in_process(["--generate", str(tmp_path / "zero.pt"), *FAST, *sampling]) == 0
     assert capsys.readouterr().out != printed
+
+
+# ----------------------------------------------------------------------------------------------
+# the study (issue 25): the task metric (task.py, tools/make_task.py), the runner (tools/study.py)
+
+import contextlib  # noqa: E402
+import itertools  # noqa: E402
+
+import task  # noqa: E402
+
+sys.path.insert(0, os.path.join(HERE, "tools"))
+import study  # noqa: E402
+
+# (generated text, reference answer, exact match?): checked by hand, then against reasoning-gym's own chain_sum scorer
+TASK_CASES = [("214", "214", True), (" 214 ", "214", True), ("+214", "214", True), ("0214", "214", True), ("214.0", "214", True),
+              ("1,888", "1888", True), ("1e3", "1000", True), ("-0", "0", True), ("-4", "-4", True), ("214\n7 + 3 = 10", "214", True),
+              ("4", "-4", False), ("- 4", "-4", False), ("\u22124", "-4", False), ("2140", "214", False), ("21", "214", False),
+              ("214.5", "214", False), ("", "214", False), ("  \n214", "214", False), ("two hundred", "214", False), ("-103", "103", False)]
+
+
+@pytest.mark.parametrize("generated,answer,match", TASK_CASES)
+def test_task_exact_match_agrees_with_reasoning_gym(generated, answer, match):
+    """task.exact_match: the first line, stripped, numbers compared in canonical form; reasoning-gym's chain_sum gives
+    that first line a full score (1.0) exactly when it matches (it gives partial credit below 1 to '2140' for '214')."""
+    import reasoning_gym
+
+    assert task.exact_match(generated, answer) is match
+    ds = reasoning_gym.create_dataset("chain_sum", size=1, seed=0)
+    assert (ds.score_answer(generated.split("\n", 1)[0], {"answer": answer}) == 1.0) is match
+
+
+class ScriptedModel(nn.Module):
+    """A byte-level 'model' that answers each '\\n<question> =' prompt with a scripted text, one byte per call
+    (greedy: the argmax of its logits), and records which questions each call saw."""
+
+    def __init__(self, replies):
+        super().__init__()
+        self.replies, self.calls = replies, []
+
+    def forward(self, idx):
+        logits = torch.zeros(*idx.shape, 256)
+        batch = []
+        for b, row in enumerate(idx.tolist()):
+            question, _, said = bytes(row).decode()[1:].partition(" =")
+            batch.append(question)
+            reply = self.replies[question] + "\n" * 8
+            logits[b, -1, reply.encode()[len(said.encode())]] = 1.0
+        self.calls.append(tuple(batch))
+        return logits
+
+
+def test_task_accuracy_batches_by_prompt_length_and_stops_at_the_line_break():
+    problems = [{"question": q, "answer": a} for q, a in [("1 + 2", "3"), ("3 - 5", "-2"), ("10 + 20", "30"), ("40 - 17", "23"), ("9 + 9", "18")]]
+    # 4 of 5 right: '2' is not '-2'; what follows the line break does not count; ' 23.00' never ends its line
+    replies = {"1 + 2": " 3", "3 - 5": " 2", "10 + 20": " 30\n10 + 20 = 31", "40 - 17": " 23.00", "9 + 9": " 18"}
+    model = ScriptedModel(replies)
+    r = task.accuracy(model, M.ByteTokenizer(), problems, "cpu", contextlib.nullcontext, batch_size=2)
+    assert (r["correct"], r["n"], r["accuracy"]) == (4, 5, 0.8)
+    assert [e["generated"] for e in r["examples"]] == [" 3", " 2", " 30", " 23.00", " 18"]
+    # prompts of equal length share a batch of at most batch_size; a batch stops when every row has ended its line
+    # (' 3\n', ' 2\n': 3 calls; ' 18\n': 4) or at the cap, the longest answer's tokens + 2 (' -2\n': 4 + 2 = 6)
+    runs = [(c, sum(1 for _ in g)) for c, g in itertools.groupby(model.calls)]
+    assert runs == [(("1 + 2", "3 - 5"), 3), (("9 + 9",), 4), (("10 + 20", "40 - 17"), 6)]
