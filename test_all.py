@@ -3355,3 +3355,138 @@ def test_task_accuracy_batches_by_prompt_length_and_stops_at_the_line_break():
     # (' 3\n', ' 2\n': 3 calls; ' 18\n': 4) or at the cap, the longest answer's tokens + 2 (' -2\n': 4 + 2 = 6)
     runs = [(c, sum(1 for _ in g)) for c, g in itertools.groupby(model.calls)]
     assert runs == [(("1 + 2", "3 - 5"), 3), (("9 + 9",), 4), (("10 + 20", "40 - 17"), 6)]
+
+
+@pytest.fixture(scope="module")
+def study_task(tmp_path_factory):
+    """A small task for the built-in GPT: 'a + b = c' lines (train and validation text) and a task file."""
+    d = tmp_path_factory.mktemp("task")
+    rng = random.Random(0)
+    pairs = [(rng.randrange(100), rng.randrange(100)) for _ in range(4000)]
+    (d / "train.txt").write_text("".join(task.line(f"{a} + {b}", str(a + b)) for a, b in pairs))
+    (d / "eval.json").write_text(json.dumps({"problems": [{"question": f"{a} + {b}", "answer": str(a + b)} for a, b in pairs[:6]]}))
+    return d
+
+
+STUDY_FAST = ["--steps", "4", "--base-steps", "5", "--eval-interval", "2", "--eval-iters", "1", "--batch-size", "4", "--block-size", "32", "--device", "cpu"]
+
+
+def run_study(*args, cache, wait=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NONLINEAR_LORA_CACHE": cache}
+    cmd = [sys.executable, os.path.join(HERE, "tools", "study.py"), *args]
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=HERE)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE, timeout=600)
+
+
+def processes_mentioning(text):
+    """Pids of the running processes whose command line holds text (the runs of one study, by its folder)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if text in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def launches(out):  # how often each run was started: one '$ <command>' line in its log per start
+    return {p.parent.name: p.read_text().count("\n$ ") for p in sorted(Path(out).glob("runs/*/log.txt"))}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="kills the study and finds its runs through /proc")
+def test_study_grid_records_every_run_resumes_after_a_kill_and_then_only_prints(tmp_path, study_task, train_cache):
+    """A 2 x 2 x 1 grid on the built-in GPT: kill the study (SIGKILL) once its first run has finished; run it again:
+    the finished run is not repeated, the others finish (an interrupted one from its checkpoint); every record holds
+    what the table needs; a third identical command starts nothing and prints the table."""
+    out = tmp_path / "study"
+    grid = ["--adapters", "lora,ranlora", "--lrs", "1e-3,3e-3", "--seeds", "0", "--out", str(out), "--"]
+    flags = [*grid, "--data", str(study_task / "train.txt"), "--task-eval", str(study_task / "eval.json"), *STUDY_FAST]
+    proc = run_study(*flags, cache=train_cache, wait=False)
+    deadline = time.time() + 300
+    while not list(out.glob("runs/*/*/metrics.json")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.kill()
+    proc.communicate()
+    first = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/metrics.json")}
+    assert 1 <= len(first) < 4, "the first run should have finished, not the whole grid"
+    while processes_mentioning(str(out)) and time.time() < deadline:  # its runs got SIGTERM (parent death signal)
+        time.sleep(0.2)
+    assert not processes_mentioning(str(out))
+    r = run_study("--per-gpu", "2", *flags, cache=train_cache)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in first} == first  # finished runs untouched
+    assert all(launches(out)[p.parent.parent.name] == 1 for p in first)
+    records = json.loads((out / "study.json").read_text())["records"]
+    assert sorted((r["adapter"], r["lr"], r["seed"]) for r in records) == [("lora", 1e-3, 0), ("lora", 3e-3, 0), ("ranlora", 1e-3, 0), ("ranlora", 3e-3, 0)]
+    for rec in records:
+        assert rec["status"] == "done" and rec["rank"] == (8 if rec["adapter"] == "lora" else 2) and rec["trainable_params"] > 0
+        assert [s for s, _ in rec["val_curve"]] == [2, 4] and rec["val_loss"] == rec["val_curve"][-1][1]
+        assert 0 <= rec["task_accuracy"] <= 1 and 0 <= rec["task_accuracy_before"] <= 1
+        assert rec["tokens_per_s"] > 0 and rec["wall_s"] > 0 and rec["schedule"] == {"warmup": 20, "decay": "cosine"}
+    md = (out / "study.md").read_text()
+    assert "4 of 4 runs done" in md and md in r.stdout + "\n" and "| lora |" in md and "| ranlora |" in md
+    again = run_study(*flags, cache=train_cache)
+    assert again.returncode == 0 and "4 of 4 runs done" in again.stdout and "study:" not in again.stderr
+    assert set(launches(out).values()) <= {1, 2} and sum(launches(out).values()) == sum(launches(out).values())
+    assert launches(out) == launches(out) and sum(launches(out).values()) <= 5  # 4 runs, the killed one started twice at most
+
+
+def test_study_failed_run_is_recorded_with_its_last_line_and_the_study_goes_on(tmp_path, study_task, train_cache):
+    out = tmp_path / "study"
+    flags = ["--adapters", "lora@r=999,lora@r=4", "--lrs", "1e-3", "--out", str(out), "--", "--data", str(study_task / "train.txt"), *STUDY_FAST]
+    r = run_study(*flags, cache=train_cache)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = {rec["entry"]: rec for rec in json.loads((out / "study.json").read_text())["records"]}
+    assert recs["lora@r=999"]["status"] == "failed" and recs["lora@r=4"]["status"] == "done"
+    assert recs["lora@r=999"]["last_line"].startswith("error: --adapter lora on") and "r=999 exceeds" in recs["lora@r=999"]["last_line"]
+    assert "r=999 exceeds" in (out / "study.md").read_text()
+    assert run_study(*flags, cache=train_cache).returncode == 0 and set(launches(out).values()) == {1}  # not run again
+    assert run_study("--retry-failed", *flags, cache=train_cache).returncode == 0
+    assert launches(out) == {"lora@r=4__lr0.001__seed0": 1, "lora@r=999__lr0.001__seed0": 2}
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--adapters", "lora,dora", "--lrs", "1e-3"], "--adapters lora,dora: unknown adapter 'dora'".replace("lora,dora", "dora")),
+    (["--adapters", "lora", "--lrs", "1e-3,0"], "--lrs 1e-3,0: 0 is not a learning rate above 0"),
+    (["--adapters", "lora", "--lrs=1e-3,-1e-3"], "--lrs 1e-3,-1e-3: -0.001 is not a learning rate above 0"),
+    (["--adapters", ",", "--lrs", "1e-3"], "--adapters ',': empty list"),
+    (["--adapters", "lora", "--lrs", ""], "--lrs '': empty list"),
+    (["--adapters", "lora", "--lrs", "1e-3", "--seeds", "0,x"], "--seeds 0,x: not a comma list of integers"),
+    (["--adapters", "lora@rank=two", "--lrs", "1e-3"], "--adapters lora@rank=two: argument --rank: invalid int value"),
+    (["--adapters", "lora", "--lrs", "1e-3", "--", "--lr", "1"], "--lr after --: the study sets"),
+    (["--adapters", "lora", "--lrs", "1e-3", "--", "--steps", "0"], "--adapters lora with the train.py flags --steps 0: --steps 0: must be at least 1"),
+])
+def test_study_bad_grid_is_one_error_line_before_any_run(tmp_path, capsys, flags, message):
+    argv = flags[: flags.index("--")] + ["--out", str(tmp_path / "s")] + flags[flags.index("--"):] if "--" in flags else flags + ["--out", str(tmp_path / "s")]
+    assert study.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {message}"), err
+    assert not (tmp_path / "s").exists()
+
+
+def test_study_table_best_lr_mean_std_and_the_lora_at_the_same_budget():
+    """The summary from records alone: the best lr by the first seeds' mean val loss (a diverged lr never wins), mean ±
+    std over every seed at it, and each method's LoRA on the same targets with the closest trainable parameters."""
+    def rec(entry, lr, seed, val=None, params=100, targets=("q", "v"), acc=0.5, status="done"):
+        return {"entry": entry, "adapter": entry.split("@")[0], "lr": lr, "seed": seed, "status": status, "val_loss": val, "task_accuracy": acc,
+                "trainable_params": params, "rank": 2, "targets": list(targets), "tokens_per_s": 1000.0, "init_gap_max_abs_logit_diff": 0.0,
+                "val_loss_at_init": 3.0, "wall_s": 10.0, "last_line": "error: step 3: the loss is nan; lower --lr (now 0.01)"}
+    records = [rec("genlora", 1e-3, 0, 2.0), rec("genlora", 3e-3, 0, 1.9), rec("genlora", 1e-2, 0, status="diverged"),
+               rec("genlora", 3e-3, 1, 1.7), rec("genlora", 3e-3, 2, 1.8, acc=0.8),
+               rec("lora", 1e-3, 0, 1.85, params=400, targets="qkvo"), rec("lora", 3e-3, 0, 1.95, params=400, targets="qkvo"),
+               rec("lora", 1e-2, 0, 1.99, params=400, targets="qkvo"),
+               rec("lora@r=1", 1e-3, 0, 2.1, params=90), rec("lora@r=1", 3e-3, 0, 2.2, params=90), rec("lora@r=1", 1e-2, 0, status="pending"),
+               rec("lora@r=4", 1e-3, 0, 1.6, params=400), rec("lora@r=4", 3e-3, 0, 1.7, params=400), rec("lora@r=4", 1e-2, 0, 1.8, params=400)]
+    lrs = [1e-3, 3e-3, 1e-2]
+    s = study.summarize(records, ["genlora", "lora", "lora@r=1", "lora@r=4"], lrs, [0])
+    g = s["genlora"]
+    assert g["best_lr"] == 3e-3 and g["seeds"] == [0, 1, 2] and g["complete"] and not s["lora@r=1"]["complete"]
+    assert g["val_loss"][0] == pytest.approx(1.8) and g["val_loss"][1] == pytest.approx(0.1)  # 1.9, 1.7, 1.8
+    assert g["task_accuracy"][0] == pytest.approx(0.6) and g["sweep"][1e-2]["diverged"] == 1 and g["sweep"][1e-2]["val_loss"] is None
+    assert s["lora"]["best_lr"] == 1e-3 and s["lora"]["val_loss"] == (1.85, None)
+    assert study.matched_lora("genlora", s) == "lora@r=1" and study.matched_lora("lora@r=4", s) is None  # same targets, closest count
+    md = "\n".join(study.table(records, s, lrs, ["# t"]))
+    assert "| genlora | 2.0000 | **1.9000** | div | 0.003 |" in md and "| lora@r=1 | **2.1000** | 2.2000 | … | 0.001 |" in md
+    assert "1.8000 ± 0.1000" in md and "60.0 ± 17.3%" in md and "lora@r=1: -0.3000, +10.0 pt" in md
