@@ -108,9 +108,17 @@ def metrics_path(out, entry, lr, seed, name):
     return run_dir(out, entry, lr, seed) / name / "metrics.json"
 
 
+def finished(path):
+    """train.py writes metrics.json twice: right after saving the adapter, and complete (with wall_s) at the very end."""
+    try:
+        return "wall_s" in json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def state(out, entry, spec, lr, seed):
-    """'done' (metrics.json), 'failed' (failed.json) or None (to run, or to resume from its checkpoint)."""
-    if metrics_path(out, entry, lr, seed, spec[0]).is_file():
+    """'done' (a complete metrics.json), 'failed' (failed.json) or None (to run, or to resume from its checkpoint)."""
+    if finished(metrics_path(out, entry, lr, seed, spec[0])):
         return "done"
     return "failed" if (run_dir(out, entry, lr, seed) / "failed.json").is_file() else None
 
@@ -127,8 +135,10 @@ def last_line(log):
 
 def command(spec, lr, seed, rdir, train_flags):
     name, flags = spec
+    # stopped after saving its adapter but before its metrics were complete: train.py refuses a finished run unless told
+    again = ["--overwrite"] if (rdir / name / "adapter.pt").is_file() and not finished(rdir / name / "metrics.json") else []
     return [sys.executable, str(ROOT / "train.py"), "--adapter", name, "--lr", f"{lr!r}", "--seed", str(seed), "--out-dir", str(rdir),
-            "--skip", SKIP, *flags, *train_flags]
+            "--skip", SKIP, *flags, *train_flags, *again]
 
 
 def devices(args):
@@ -163,11 +173,12 @@ def launch(spec, entry, lr, seed, slot, args, train_flags):
         env["CUDA_VISIBLE_DEVICES"] = slot[1]
     elif args.per_gpu > 1 and "OMP_NUM_THREADS" not in env:  # several runs on the CPU share its cores
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.per_gpu))
+    cmd = command(spec, lr, seed, rdir, train_flags)
     log = open(rdir / "log.txt", "a")
-    log.write(f"\n$ {' '.join(command(spec, lr, seed, rdir, train_flags))}  # on {slot[0]}, {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    log.write(f"\n$ {' '.join(cmd)}  # on {slot[0]}, {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     log.flush()
     # its own session: a Ctrl-C at the terminal reaches the study, which stops each run once (SIGTERM)
-    proc = subprocess.Popen(command(spec, lr, seed, rdir, train_flags), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
                             start_new_session=True, preexec_fn=set_parent_death_signal if sys.platform.startswith("linux") else None)
     log.close()
     return proc
@@ -177,7 +188,7 @@ def finish_run(proc, started, spec, entry, lr, seed, args):
     """Record a run that ended: its wall time next to metrics.json, or failed.json with its last line."""
     rdir = run_dir(args.out, entry, lr, seed)
     wall = time.time() - started
-    if metrics_path(args.out, entry, lr, seed, spec[0]).is_file():
+    if finished(metrics_path(args.out, entry, lr, seed, spec[0])):
         train.atomic_save({"wall_s": wall, "returncode": proc.returncode}, str(rdir / "run.json"))
         if args.drop_adapters:
             (rdir / spec[0] / "adapter.pt").unlink(missing_ok=True)
@@ -198,7 +209,7 @@ def record(out, entry, spec, lr, seed):
     rdir = run_dir(out, entry, lr, seed)
     rec = {"entry": entry, "adapter": spec[0], "lr": lr, "seed": seed, "dir": str(rdir)}
     m_path = metrics_path(out, entry, lr, seed, spec[0])
-    if m_path.is_file():
+    if finished(m_path):
         m = json.loads(m_path.read_text())
         run = json.loads((rdir / "run.json").read_text()) if (rdir / "run.json").is_file() else {}
         task_after, task_before = m.get("task") or {}, m.get("task_before") or {}
@@ -371,7 +382,9 @@ def write_outputs(args, train_flags, specs, lrs, seeds, best_seeds):
     train.atomic_save({"train_flags": train_flags, "adapters": list(specs), "lrs": lrs, "seeds": seeds, "best_seeds": best_seeds,
                        "records": records, "summary": {e: {**s, "sweep": {f"{lr:g}": v for lr, v in s["sweep"].items()}} for e, s in summary.items()}},
                       str(out / "study.json"))
-    train.atomic_save("\n".join(lines) + "\n", str(out / "study.md"))
+    tmp = out / f"study.md.tmp{os.getpid()}"  # (train.atomic_save writes text only to .txt)
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, out / "study.md")
     return lines, records, summary
 
 
