@@ -3459,7 +3459,8 @@ def test_study_failed_run_is_recorded_with_its_last_line_and_the_study_goes_on(t
     (["--adapters", "lora", "--lrs", "1e-3", "--", "--lr", "1"], "--lr after --: the study sets"),
     (["--adapters", "lora", "--lrs", "1e-3", "--", "--steps", "0"], "--adapters lora with the train.py flags --steps 0: --steps 0: must be at least 1"),
 ])
-def test_study_bad_grid_is_one_error_line_before_any_run(tmp_path, capsys, flags, message):
+def test_study_bad_grid_is_one_error_line_before_any_run(tmp_path, capsys, monkeypatch, flags, message):
+    monkeypatch.setattr(study, "launch", lambda *a: pytest.fail("a run started"))
     argv = flags[: flags.index("--")] + ["--out", str(tmp_path / "s")] + flags[flags.index("--"):] if "--" in flags else flags + ["--out", str(tmp_path / "s")]
     assert study.main(argv) == 2
     err = capsys.readouterr().err
