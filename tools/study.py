@@ -495,8 +495,13 @@ def main(argv=None):
         for proc, *_ in procs.values():  # each run checkpoints at its next step boundary and stops
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for proc, *_ in procs.values():
+        for proc, started, e, lr, s in procs.values():
             proc.wait()
+            finish_run(proc, started, specs[e], e, lr, s, args)  # one that finished meanwhile is recorded
+        try:  # the table so far
+            print("\n".join(write_outputs(args, train_flags, specs, lrs, seeds, best_seeds)[0]))
+        except Exception as e:  # noqa: BLE001 (stopping: the runs' own files hold everything)
+            print(f"(no table: {type(e).__name__}: {e})", file=sys.stderr)
         print("study interrupted: run the same command again to continue (finished runs are kept, interrupted ones resume)", file=sys.stderr)
         return 130
     finally:
