@@ -52,7 +52,10 @@ def main(argv=None):
     p.add_argument("--tokenizer", help="a checkpoint directory whose tokenizer counts the tokens, or 'bytes' "
                                        "(default: SmolLM2's, converted by tools/smollm2_to_hf.py)")
     args = p.parse_args(argv)
-    tok = ByteTokenizer() if args.tokenizer == "bytes" else load_tokenizer(args.tokenizer or default_tokenizer())
+    try:
+        tok = ByteTokenizer() if args.tokenizer == "bytes" else load_tokenizer(args.tokenizer or default_tokenizer())
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e} (convert SmolLM2 first: python tools/smollm2_to_hf.py, or pass --tokenizer DIR or bytes)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lines, n_tokens, block = [], 0, 10_000
