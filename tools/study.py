@@ -313,6 +313,10 @@ def table(records, summary, lrs, header):
     failed = [r for r in records if r["status"] in ("failed", "diverged")]
     if failed:
         lines += ["", "## Runs that did not finish", ""] + [f"- {r['entry']} lr {r['lr']:g} seed {r['seed']}: {r['status']}: `{r['last_line']}`" for r in failed]
+    errors = [r for r in records if r["status"] == "done" and r.get("errors")]
+    if errors:
+        lines += ["", "## Runs with a failed step after training (their results stand)", ""]
+        lines += [f"- {r['entry']} lr {r['lr']:g} seed {r['seed']}: {k}: `{v[:200]}`" for r in errors for k, v in r["errors"].items()]
     return lines
 
 
@@ -448,7 +452,11 @@ def main(argv=None):
                     pending.extend((e, s["best_lr"], sd) for sd in best_seeds if sd not in seeds and state(out, e, specs[e], s["best_lr"], sd) is None)
 
         stage_two()
-        todo_total = len(pending) + sum(len([sd for sd in best_seeds if sd not in seeds]) for e in specs if e not in staged)
+
+        def todo():  # queued, and the best-lr seeds of the entries whose sweeps are still running
+            return len(pending) + sum(len([sd for sd in best_seeds if sd not in seeds]) for e in specs if e not in staged)
+
+        todo_total = todo()
         if args.dry_run:
             for e, lr, s in pending:
                 print(" ".join(command(specs[e], lr, s, run_dir(out, e, lr, s), train_flags)))
@@ -477,6 +485,8 @@ def main(argv=None):
                 if result == "failed":
                     bar.write(f"{e} lr {lr:g} seed {s}: failed: {last_line(run_dir(out, e, lr, s) / 'log.txt')}")
                 stage_two()
+                bar.total = bar.n + len(procs) + todo()  # an entry whose every lr failed has no best lr: no seeds to add
+                bar.refresh()
                 write_outputs(args, train_flags, specs, lrs, seeds, best_seeds)
         bar.close()
         lines, records, summary = write_outputs(args, train_flags, specs, lrs, seeds, best_seeds)

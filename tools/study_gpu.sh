@@ -32,12 +32,16 @@ mkdir -p "$STUDY_DIR"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; date -u; git log -1 --format='commit %h %s' 2>/dev/null
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"; } | tee -a "$STUDY_DIR/device.txt"
 export PYTHONUNBUFFERED=1
+# what fills a GPU: utilization and memory every 10 s, for choosing PER_GPU next time
+nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used --format=csv,noheader -l 10 > "$STUDY_DIR/gpu_util.csv" 2>/dev/null &
+smi=$!
 # SIGTERM after LIMIT seconds (SIGKILL 60 s later): the study stops its runs at a step boundary and prints the table so far
 timeout -k 60 "$LIMIT" python3 tools/study.py --adapters "$ADAPTERS" --lrs "$LRS" --seeds "$SEEDS" --best-seeds "$BEST_SEEDS" \
     --out "$STUDY_DIR" --per-gpu "$PER_GPU" --drop-adapters --plot -- \
     --init-from "$SMOLLM2_DIR" --data "$TASK/chain_sum.txt" --task-eval "$TASK/chain_sum_eval.json" \
     --steps "$STEPS" --batch-size 8 --block-size 256 --eval-interval "$EVAL_INTERVAL" --eval-iters "$EVAL_ITERS"
 rc=$?
+kill $smi 2>/dev/null
 find "$STUDY_DIR" -name ckpt.pt -delete
 echo "study exit status $rc; $(find "$STUDY_DIR" -name metrics.json | wc -l) runs done; $(du -sh "$STUDY_DIR" | cut -f1) in $STUDY_DIR"
 exit $rc
