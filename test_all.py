@@ -3482,17 +3482,19 @@ def test_study_grid_records_every_run_resumes_after_a_kill_and_then_only_prints(
     assert launches(out) == started and sum(started.values()) <= 5  # 4 runs, the one the kill stopped started twice
 
 
-def test_study_failed_run_is_recorded_with_its_last_line_and_the_study_goes_on(tmp_path, study_task, train_cache):
+def test_study_failed_run_is_recorded_with_its_last_line_and_the_study_goes_on(tmp_path, study_task, train_cache, monkeypatch, capsys):
+    monkeypatch.setenv("NONLINEAR_LORA_CACHE", train_cache)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "study"
-    flags = ["--adapters", "lora@r=999,lora@r=4", "--lrs", "1e-3", "--out", str(out), "--", "--data", str(study_task / "train.txt"), *STUDY_FAST]
-    r = run_study(*flags, cache=train_cache)
-    assert r.returncode == 0, r.stderr[-3000:]
+    flags = ["--adapters", "lora@r=999,lora@r=4", "--lrs", "1e-3", "--per-gpu", "2", "--out", str(out), "--",
+             "--data", str(study_task / "train.txt"), *STUDY_FAST]
+    assert study.main(flags) == 0
     recs = {rec["entry"]: rec for rec in json.loads((out / "study.json").read_text())["records"]}
     assert recs["lora@r=999"]["status"] == "failed" and recs["lora@r=4"]["status"] == "done"
     assert recs["lora@r=999"]["last_line"].startswith("error: --adapter lora on") and "r=999 exceeds" in recs["lora@r=999"]["last_line"]
     assert "r=999 exceeds" in (out / "study.md").read_text()
-    assert run_study(*flags, cache=train_cache).returncode == 0 and set(launches(out).values()) == {1}  # not run again
-    assert run_study("--retry-failed", *flags, cache=train_cache).returncode == 0
+    assert study.main(flags) == 0 and set(launches(out).values()) == {1}  # not run again
+    assert study.main(["--retry-failed", *flags]) == 0
     assert launches(out) == {"lora@r=4__lr0.001__seed0": 1, "lora@r=999__lr0.001__seed0": 2}
 
 
