@@ -447,9 +447,10 @@ def main(argv=None):
                 return
             summary = summarize([record(out, e, specs[e], lr, s) for e in specs for lr in lrs for s in seeds], list(specs), lrs, seeds)
             for e, s in summary.items():
-                if e not in staged and s["complete"] and s["best_lr"] is not None:
+                if e not in staged and s["complete"]:  # (every lr failed: no best lr, nothing to add)
                     staged.add(e)
-                    pending.extend((e, s["best_lr"], sd) for sd in best_seeds if sd not in seeds and state(out, e, specs[e], s["best_lr"], sd) is None)
+                    pending.extend((e, s["best_lr"], sd) for sd in best_seeds if s["best_lr"] is not None and sd not in seeds
+                                   and state(out, e, specs[e], s["best_lr"], sd) is None)
 
         stage_two()
 
@@ -485,7 +486,7 @@ def main(argv=None):
                 if result == "failed":
                     bar.write(f"{e} lr {lr:g} seed {s}: failed: {last_line(run_dir(out, e, lr, s) / 'log.txt')}")
                 stage_two()
-                bar.total = bar.n + len(procs) + todo()  # an entry whose every lr failed has no best lr: no seeds to add
+                bar.total = bar.n + len(procs) + todo()
                 bar.refresh()
                 write_outputs(args, train_flags, specs, lrs, seeds, best_seeds)
         bar.close()
