@@ -3,6 +3,7 @@
 Each test compares against something independent of the code under test: a float64
 recomputation written plainly here, HF PEFT / transformers where installed, numpy.
 """
+import contextlib
 import copy
 import io
 import json
@@ -949,7 +950,7 @@ def test_lrlora_b_moves_only_on_a_grid_without_mirror_pairs(grid, stalls):
     assert (ratio < 1e-9) if stalls else (ratio > 1e-6), ratio
 
 
-def lrlora_check_against_float64(layer, x, tol=1e-5, **kw):
+def lrlora_check_against_float64(layer, x, tol=1e-5, guard=contextlib.nullcontext, **kw):
     """The float32 table path against Eq. 4 summed directly in float64: output, dW and the gradients of x, A, B, a, beta."""
     names = ["A", "B", "a", "beta"]
     ref = [x.detach().double().requires_grad_()] + [getattr(layer, n).detach().double().requires_grad_() for n in names]
@@ -958,20 +959,36 @@ def lrlora_check_against_float64(layer, x, tol=1e-5, **kw):
     y_ref = F.linear(xd, W, None if layer.base.bias is None else layer.base.bias.double())
     gy = torch.randn(y_ref.shape, dtype=torch.float64)
     want = [y_ref, W - layer.base.weight.double()] + list(torch.autograd.grad(y_ref, ref, gy))
-    y = layer(x)
-    got = [y, layer.delta_weight()] + list(torch.autograd.grad(y, [x] + [getattr(layer, n) for n in names], gy.float()))
+    with guard():
+        y = layer(x)
+        got = [y, layer.delta_weight()] + list(torch.autograd.grad(y, [x] + [getattr(layer, n) for n in names], gy.float()))
     for name, g_, w in zip(["y", "dW", "x", "A", "B", "a", "beta"], got, want):
         assert g_.dtype == torch.float32 and lrlora_rel(g_, w) < tol, (name, lrlora_rel(g_, w))
 
 
+@pytest.mark.parametrize("fixed", [False, True], ids=["sized-by-span", "fixed-T-no-host-sync"])
 @pytest.mark.parametrize("shape,bias,scale", [((20, 12), True, 0.5), ((64, 48), False, 0.5), ((256, 192), True, 0.05)])
-def test_lrlora_table_matches_float64_direct_sum(shape, bias, scale):
+def test_lrlora_table_matches_float64_direct_sum(shape, bias, scale, fixed, monkeypatch):
+    """Both ways of sizing the table: by the span, with a host sync (the CPU's), and fixed T = FIXED_POINTS (CUDA's,
+    which a CUDA graph can capture), here on the CPU with every read-back to the host made an error."""
+    import lrlora
     torch.manual_seed(1)
     layer = lrlora_moved(LRLoRALinear(nn.Linear(*shape, bias=bias), r=3), scale=scale)
     with torch.no_grad():  # entries of B A exactly 0 (a zero row of B), and min / max: the table's two ends
         layer.B[0] = 0
     x = torch.randn(2, 5, shape[0], requires_grad=True)
-    lrlora_check_against_float64(layer, x)
+    grid, sizes = lrlora._grid, []
+    monkeypatch.setattr(lrlora, "_grid", lambda M, b: sizes.append(grid(M, b, fixed=fixed)[2]) or grid(M, b, fixed=fixed))
+
+    @contextlib.contextmanager
+    def no_host_reads():  # what a CUDA graph cannot capture: a tensor's value read by Python
+        with monkeypatch.context() as m:
+            for name in ("tolist", "item", "__float__", "__int__", "__bool__", "__index__"):
+                m.setattr(torch.Tensor, name, lambda *a: pytest.fail(f"the fixed-size table read a value back to the host"))
+            yield
+
+    lrlora_check_against_float64(layer, x, guard=no_host_reads if fixed else contextlib.nullcontext)
+    assert (set(sizes) == {lrlora.FIXED_POINTS}) == fixed
 
 
 def test_lrlora_table_is_exact_at_its_points_and_ends():
