@@ -3,6 +3,7 @@
 Each test compares against something independent of the code under test: a float64
 recomputation written plainly here, HF PEFT / transformers where installed, numpy.
 """
+import argparse
 import contextlib
 import copy
 import io
@@ -180,6 +181,84 @@ def run_train(*args, cwd=HERE, cache=None):
 
 def adapter_weights(out_dir, name="lora"):
     return torch.load(Path(out_dir) / name / "adapter.pt")["state"]
+
+
+@pytest.mark.parametrize("name", ["lora", "lrlora"])
+def test_training_step_graph_path_matches_a_plain_loop_bit_for_bit(name, monkeypatch):
+    """train.Step, the one step train.py runs (static batch buffers, AdamW's lr a tensor set in place, dropout reseeded
+    per step), against a plain loop written here: bit for bit, eagerly and along the CUDA-graph path. CI has no GPU,
+    so the graph is emulated on the CPU: capture runs train.run_undone's warm-up, and a replay re-runs the captured
+    step on fresh gradients into the same loss tensor, as a real replay refills the graph's memory."""
+    cfg = M.LLaMAConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, max_position_embeddings=16)
+    args = argparse.Namespace(dtype="float32", device="cpu")
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(64, (3, 16), generator=g), torch.randint(64, (3, 16), generator=g)) for _ in range(5)]
+    lr = lambda step: 3e-2 * train.lr_factor(step, 5, 2)
+
+    def trained(kind):
+        torch.manual_seed(0)
+        model = M.LLaMA(cfg).requires_grad_(False)
+        train.inject(model, name, ["q", "v", "up"], {"r": 2, "dropout": 0.3}, quiet=True)
+        for p in [p for p in model.parameters() if p.requires_grad]:  # B != 0, so every factor gets gradient from the start
+            nn.init.normal_(p, 0.0, 0.1)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1.0, weight_decay=0.0)
+        losses = []
+        if kind == "plain":  # the loop as it was written before train.Step
+            for step, (x, y) in enumerate(batches):
+                for group in opt.param_groups:
+                    group["lr"] = lr(step)
+                torch.manual_seed(1000 + step)
+                loss = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, train.GRAD_CLIP)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+        else:
+            train.optimizer_on_device(opt, "cpu")
+            step_fn = train.Step(model, opt, params, args, (3, 16), cuda_graph=kind == "graph")
+            for step, (x, y) in enumerate(batches):
+                losses.append(step_fn(x, y, lr(step), 1000 + step).item())
+            assert (step_fn.graph is not None) == (kind == "graph")
+        return losses, [p.detach().clone() for p in params]
+
+    def emulated_capture(step, params, opt):
+        train.run_undone(step, params, opt)
+        out = torch.zeros(())
+        return argparse.Namespace(replay=lambda: (opt.zero_grad(set_to_none=True), out.copy_(step().detach()))), out
+
+    monkeypatch.setattr(train, "capture", emulated_capture)
+    want = trained("plain")
+    for kind in ("eager", "graph"):
+        got = trained(kind)
+        assert got[0] == want[0], (kind, got[0], want[0])
+        assert all(torch.equal(a, b) for a, b in zip(got[1], want[1])), kind
+
+
+def test_run_undone_leaves_weights_and_optimizer_state_as_they_were():
+    """The warm-up before a CUDA graph capture runs a real step; run_undone must put back the weights and AdamW's
+    state, both a fresh optimizer's (no state yet: zeros) and a resumed one's (its values)."""
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(5))
+    opt = torch.optim.AdamW([p], lr=0.1)
+    train.optimizer_on_device(opt, "cpu")
+
+    def step():
+        (p.square().sum()).backward()
+        opt.step()
+
+    before = p.detach().clone()
+    train.run_undone(step, [p], opt)
+    assert torch.equal(p, before) and p.grad is None
+    assert all((v == 0).all() for v in opt.state[p].values())  # created by the warm-up: back to AdamW's initial zeros
+    step()
+    after = [p.detach().clone()] + [v.clone() for v in opt.state[p].values()]
+    opt.zero_grad(set_to_none=True)
+    train.run_undone(step, [p], opt)
+    assert all(torch.equal(a, b) for a, b in zip(after, [p] + list(opt.state[p].values())))
 
 
 def test_train_compile_matches_eager(tmp_path, tiny_text, train_cache):

@@ -122,6 +122,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto, a GPU if there is one)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="autocast dtype (default: auto, bfloat16 on a GPU that has it, else float32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                   help="on CUDA with one process each training step is one captured CUDA graph, replayed (a small model "
+                        "otherwise waits on Python to launch its kernels); this runs the same step eagerly, e.g. to debug or "
+                        "profile it, or for a model whose step cannot be captured")
     p.add_argument("--seed", type=int, default=1337, help="seed of the adapter init and of the batches (default: %(default)s)")
     p.add_argument("--out-dir", default="out", help="results go to OUT_DIR/<adapter>/ (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in OUT_DIR/<adapter>/ (without it, the run refuses)")
@@ -281,7 +285,8 @@ def pretrain_gpt(args):
     model = GPT(cfg).to(args.device)
     train_data, val_data = data.split_tokens(list(data.stdlib_code().encode("utf-8")), cfg.block_size, "stdlib corpus")
     val = data.eval_batches(val_data, 5, 32, cfg.block_size)
-    loop = Loop(steps=args.base_steps, lr=2e-3, batch_size=32, block_size=cfg.block_size, seed=1337, eval_interval=100)
+    loop = Loop(steps=args.base_steps, lr=2e-3, batch_size=32, block_size=cfg.block_size, seed=1337, eval_interval=100,
+                cuda_graph=args.cuda_graph and args.device.startswith("cuda"))
     opt = torch.optim.AdamW(model.parameters(), lr=loop.lr, betas=(0.9, 0.95), weight_decay=0.1)
     log(f"pretraining the built-in GPT ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) once on the stdlib's code: "
         f"{args.base_steps} steps, about {args.base_steps * 0.15 / 60:.1f} min on a 2-core CPU; Ctrl-C keeps its progress; cached at {args.base_path}")
@@ -377,6 +382,7 @@ class Loop:
     eval_interval: int
     compile: bool = False
     warmup: int = WARMUP
+    cuda_graph: bool = False  # capture the step once, replay it (CUDA, one process)
 
 
 @dataclass
@@ -451,6 +457,91 @@ def stop_on_signal():
             signal.signal(s, h)
 
 
+def optimizer_on_device(opt, device):
+    """AdamW as the step reads it: the lr a float64 tensor (the arithmetic of a Python float), set in place before every
+    step, so that a captured graph sees each new value; on CUDA capturable, its step counts on the device too."""
+    cuda = device.startswith("cuda")
+    for g in opt.param_groups:
+        g["lr"], g["capturable"] = torch.tensor(float(g["lr"]), dtype=torch.float64, device=device), cuda
+    for st in opt.state.values():  # a resumed checkpoint's, saved on this or another device
+        if "step" in st:
+            st["step"] = st["step"].to(device=device if cuda else "cpu", dtype=torch.float32)
+
+
+def run_undone(step, params, opt):
+    """Run step() once and undo what it did to the trainable weights and the optimizer's state: a CUDA graph's warm-up
+    (AdamW's lazy state, cuBLAS handles, compiled kernels), which must not change the run."""
+    tensors = lambda: params + [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+    saved = {t: t.detach().clone() for t in tensors()}
+    step()
+    with torch.no_grad():
+        for t in tensors():
+            t.copy_(saved[t]) if t in saved else t.zero_()  # state the warm-up created: AdamW's starts at zeros
+    opt.zero_grad(set_to_none=True)  # so the captured backward allocates the gradients, in the graph's memory
+
+
+def capture(step, params, opt):
+    """step() recorded into a CUDA graph, after one undone warm-up step on a side stream (as capture requires):
+    (graph, what step returned, in the graph's memory, refilled by every replay)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run_undone(step, params, opt)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
+
+
+class Step:
+    """One training step: forward, float32 loss, backward, gradient clip, AdamW, on the batch in the buffers x, y.
+    Everything a step varies is a tensor it reads: the batch (copied in), the lr (AdamW's lr tensor) and dropout's
+    generator (seeded per step from (seed, step)). So the same step runs eagerly or, with cuda_graph, is captured once
+    and replayed: one launch instead of thousands."""
+
+    def __init__(self, fwd, opt, params, args, batch_shape, cuda_graph):
+        self.fwd, self.opt, self.params, self.args = fwd, opt, params, args
+        self.x = torch.zeros(batch_shape, dtype=torch.long, device=args.device)
+        self.y = torch.zeros_like(self.x)
+        self.cuda_graph, self.graph, self.updating = cuda_graph, None, False
+
+    def loss_and_grads(self):
+        with autocast(self.args):
+            logits = self.fwd(self.x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), self.y.flatten())
+        loss.backward()
+        return loss
+
+    def update(self):
+        torch.nn.utils.clip_grad_norm_(self.params, GRAD_CLIP)
+        self.opt.step()
+
+    def __call__(self, x, y, lr, seed):
+        """The loss of one step on (x, y) at this lr, dropout seeded with seed; the weights updated."""
+        self.x.copy_(x)
+        self.y.copy_(y)
+        for g in self.opt.param_groups:
+            g["lr"].fill_(lr)
+        if self.cuda_graph and self.graph is None:
+            try:
+                self.graph, self.loss = capture(lambda: (self.loss_and_grads(), self.update())[0], self.params, self.opt)
+            except RuntimeError as e:  # e.g. a model that reads a value to the host mid-step: the same step, eagerly
+                log(f"note: the training step could not be captured as a CUDA graph ({str(e).splitlines()[0][:160]}); running it eagerly")
+                self.cuda_graph = False
+                self.opt.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)  # dropout's masks: a function of (seed, step), replayed or not (the graph reads this state)
+        if self.graph is not None:
+            self.updating = True  # the weights and the step count change together
+            self.graph.replay()
+            return self.loss
+        loss = self.loss_and_grads()
+        self.updating = True
+        self.update()
+        self.opt.zero_grad(set_to_none=True)
+        return loss
+
+
 def train(model, opt, tokens, val_batches, loop, args, ckpt_path, signature, desc, resume, world=WORLD, rank=RANK):
     """Train what requires grad in model for loop.steps; with resume, continue the run saved in ckpt_path."""
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -469,14 +560,16 @@ def train(model, opt, tokens, val_batches, loop, args, ckpt_path, signature, des
             atomic_save({"signature": signature, "state": asdict(state), "weights": {n: p.detach().cpu() for n, p in live.items()},
                          "opt": opt.state_dict()}, ckpt_path)
 
+    optimizer_on_device(opt, args.device)
     fwd = model
     if world > 1:  # gradients of the trainable parameters only: frozen weights are not registered for sync
         fwd = nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if "cuda" in args.device else None)
     if loop.compile:
         fwd = torch.compile(fwd)
     model.train()
+    step_fn = Step(fwd, opt, params, args, (loop.batch_size // world, loop.block_size), loop.cuda_graph and world == 1)
     bar = tqdm(range(state.step, loop.steps), initial=state.step, total=loop.steps, desc=desc, disable=rank != 0, dynamic_ncols=True)
-    start, updating = state.step, False
+    start = state.step
     with stop_on_signal() as stop:
         try:
             for step in bar:
@@ -486,19 +579,9 @@ def train(model, opt, tokens, val_batches, loop, args, ckpt_path, signature, des
                 if flag.item():
                     break
                 t0 = time.perf_counter()
-                for g in opt.param_groups:
-                    g["lr"] = loop.lr * lr_factor(step, loop.steps, loop.warmup)
-                torch.manual_seed(data.step_seed(loop.seed, step, rank))  # dropout, if any: also a function of the step
                 x, y = data.get_batch(tokens, step, loop.batch_size, loop.block_size, loop.seed, world, rank)
-                with autocast(args):
-                    logits = fwd(x.to(args.device))
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(args.device).flatten())
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
-                updating = True  # the weights and the step count change together
-                opt.step()
-                state.step, updating = step + 1, False
-                opt.zero_grad(set_to_none=True)
+                loss = step_fn(x, y, loop.lr * lr_factor(step, loop.steps, loop.warmup), data.step_seed(loop.seed, step, rank))
+                state.step, step_fn.updating = step + 1, False
                 loss_v = loss.item()  # syncs the device, so the step time below is real
                 if step > start or state.step == loop.steps:  # each process's first step is warm-up (allocator, kernels)
                     state.train_s += time.perf_counter() - t0
@@ -513,7 +596,7 @@ def train(model, opt, tokens, val_batches, loop, args, ckpt_path, signature, des
                         bar.write(f"{desc} step {state.step}: train loss {loss_v:.4f}, val loss {val:.4f}")
                     save()
         except KeyboardInterrupt:  # a second Ctrl-C: stop now; the state is whole unless it came inside opt.step()
-            if not updating:
+            if not step_fn.updating:
                 save()
             raise Interrupted(f"stopped during step {state.step + 1}: run the same command again to resume from step {state.step} ({ckpt_path})")
     bar.close()
@@ -607,7 +690,8 @@ def run(job, base, base_desc, tok, train_data, val_batches, val_before, args):
             f"{info['init_gap_max_abs_logit_diff']:.3g}; val loss {val_before:.4f} before, {info['val_loss_at_init']:.4f} at init")
     opt = torch.optim.AdamW(params, lr=job.lr, weight_decay=0.0)
     warmup = max(1, args.steps // 10) if args.init_from else WARMUP
-    loop = Loop(args.steps, job.lr, args.batch_size, args.block_size, args.seed, args.eval_interval, args.compile, warmup)
+    loop = Loop(args.steps, job.lr, args.batch_size, args.block_size, args.seed, args.eval_interval, args.compile, warmup,
+                args.cuda_graph and args.device.startswith("cuda"))
     state = train(model, opt, train_data, val_batches, loop, args, os.path.join(job.out, "ckpt.pt"), job.signature, job.name, job.resume)
     return finish(model, adapters, job, args, tok, base_desc, val_batches, info, state) if RANK == 0 else None
 
