@@ -468,19 +468,20 @@ def optimizer_on_device(opt, device):
             st["step"] = st["step"].to(device=device if cuda else "cpu", dtype=torch.float32)
 
 
-def run_undone(step, params, opt):
+def run_undone(step, params, opt=None):
     """Run step() once and undo what it did to the trainable weights and the optimizer's state: a CUDA graph's warm-up
     (AdamW's lazy state, cuBLAS handles, compiled kernels), which must not change the run."""
-    tensors = lambda: params + [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+    tensors = lambda: params + [t for s in (opt.state.values() if opt else []) for t in s.values() if torch.is_tensor(t)]
     saved = {t: t.detach().clone() for t in tensors()}
     step()
     with torch.no_grad():
         for t in tensors():
             t.copy_(saved[t]) if t in saved else t.zero_()  # state the warm-up created: AdamW's starts at zeros
-    opt.zero_grad(set_to_none=True)  # so the captured backward allocates the gradients, in the graph's memory
+    for p in params:
+        p.grad = None  # so the captured backward allocates the gradients, in the graph's memory
 
 
-def capture(step, params, opt):
+def capture(step, params, opt=None):
     """step() recorded into a CUDA graph, after one undone warm-up step on a side stream (as capture requires):
     (graph, what step returned, in the graph's memory, refilled by every replay)."""
     side = torch.cuda.Stream()
