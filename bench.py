@@ -118,7 +118,7 @@ class Variant:
         if embedding is not None:  # the floor: make the embedding output a leaf that needs grad
             embedding.register_forward_hook(lambda m, i, out: out.detach().requires_grad_())
         self.times, self.peak, self.first_s = [], None, None
-        self.graph, self.graph_times, self.graph_error = None, [], None
+        self.graph_times, self.graph_error = [], None
 
     def step(self, x, y, zero_grad=True):
         logits = self.logits_of(self.model, x)
@@ -240,23 +240,24 @@ def bench_steps(variants, x, y, device, reps, warmup):
 
 
 def bench_graphs(variants, x, y, device, reps):
-    """Each variant's step captured as one CUDA graph (train.capture, as train.py does), then its replays timed,
-    interleaved as the eager steps are. A variant that cannot be captured keeps the error, and no graphed time."""
+    """Each variant's step captured as one CUDA graph (train.capture, as train.py does), then its replays timed. A graph
+    keeps its activations' memory for good, so the variants take turns whole (one graph alive at a time: the 1B shape
+    holds ~50 GiB a graph), not interleaved as the eager steps are. A variant that cannot be captured keeps the error."""
     for v in variants:
-        progress(f"capturing the step as a CUDA graph: {v.name}")
+        progress(f"the step as one CUDA graph: {v.name}, {reps} replays")
         if v.opt is not None:
             v.opt.zero_grad(set_to_none=True)
         try:
-            v.graph = train.capture(lambda: v.step(x, y, zero_grad=False), v.params, v.opt)[0]
+            graph = train.capture(lambda: v.step(x, y, zero_grad=False), v.params, v.opt)[0]
         except RuntimeError as e:
             v.graph_error = str(e).splitlines()[0][:160]
-    graphed = [v for v in variants if v.graph is not None]
-    for v in graphed:
-        v.graph.replay()
-    for i in range(reps):
-        progress(f"timing graphs: repetition {i + 1} of {reps}, {len(graphed)} variants")
-        for v in graphed[i % len(graphed):] + graphed[: i % len(graphed)]:
-            v.graph_times.append(timed(v.graph.replay, device))
+            continue
+        graph.replay()
+        v.graph_times = [timed(graph.replay, device) for _ in range(reps)]
+        del graph
+        for p in v.params:
+            p.grad = None
+        torch.cuda.empty_cache()
 
 
 @torch.no_grad()
@@ -478,7 +479,7 @@ def print_table(r):
         print(f"| {n} | {s['trainable_params']:,} | {s['ms_step']:.1f} | {f2(s['step_vs_lora'])} | {f2(vs_floor)} | "
               f"{gib(s['peak_mem_bytes'])} | {f2(s['mem_vs_lora'])} | {f2(s['mem_vs_floor'])} | {s['first_step_s']:.1f} s |")
     if r.get("cuda_graph"):
-        print("\nthe same steps, each captured as one CUDA graph and replayed (median of as many interleaved replays):")
+        print("\nthe same steps, each captured as one CUDA graph and replayed (median of as many replays, one variant at a time):")
         print("| variant | graphed ms/step | vs LoRA | vs floor | eager / graphed |")
         print("| --- | ---: | ---: | ---: | ---: |")
         for n, s in r["steps"].items():
