@@ -26,33 +26,38 @@ def weights(out, name):
     return torch.load(os.path.join(out, name, "adapter.pt"))["state"]
 
 
-def val_loss(out, name):
+def metrics(out, name):
     with open(os.path.join(out, name, "metrics.json")) as f:
-        return json.load(f)["val_loss_after"]
+        return json.load(f)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--init-from")
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--block-size", type=int, default=256)
     p.add_argument("--adapters", default=",".join(train.ADAPTERS))
     a = p.parse_args()
     tmp = tempfile.mkdtemp()
     base = a.init_from or os.path.join(tmp, "llama")
     if not a.init_from:
         random_llama(base, tiny=True)
-    common = ["--init-from", base, "--steps", str(a.steps), "--eval-interval", str(a.steps), "--dropout", "0.05", "--sample-tokens", "8"]
+    common = ["--init-from", base, "--steps", str(a.steps), "--eval-interval", str(a.steps), "--dropout", "0.05", "--sample-tokens", "8",
+              "--batch-size", str(a.batch_size), "--block-size", str(a.block_size)]
+    ms = lambda m: 1e3 * a.batch_size * a.block_size / m["tokens_per_s"]  # the mean step, without the first (warm-up, capture)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {a.steps} steps on {base}")
-    print("| adapter | val eager | val graphed | max |dW| eager - graphed | bit-identical |")
-    print("| --- | ---: | ---: | ---: | --- |")
+    print("| adapter | val eager | val graphed | max abs diff of the trained weights | bit-identical | ms/step eager | graphed | speed-up |")
+    print("| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |")
     for name in a.adapters.split(","):
         outs = {m: os.path.join(tmp, m) for m in ("eager", "graph")}
         assert train.main([*common, "--adapter", name, "--out-dir", outs["eager"], "--no-cuda-graph"]) == 0
         assert train.main([*common, "--adapter", name, "--out-dir", outs["graph"]]) == 0
         we, wg = weights(outs["eager"], name), weights(outs["graph"], name)
         diff = max((we[k].float() - wg[k].float()).abs().max().item() for k in we)
-        print(f"| {name} | {val_loss(outs['eager'], name):.6f} | {val_loss(outs['graph'], name):.6f} | {diff:.3g} | "
-              f"{all(torch.equal(we[k], wg[k]) for k in we)} |", flush=True)
+        me, mg = metrics(outs["eager"], name), metrics(outs["graph"], name)
+        print(f"| {name} | {me['val_loss_after']:.6f} | {mg['val_loss_after']:.6f} | {diff:.3g} | {all(torch.equal(we[k], wg[k]) for k in we)} | "
+              f"{ms(me):.1f} | {ms(mg):.1f} | {ms(me) / ms(mg):.2f}x |", flush=True)
     name, out = a.adapters.split(",")[0], os.path.join(tmp, "resumed")
     real = data.get_batch
 
