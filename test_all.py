@@ -412,6 +412,41 @@ def test_train_command_line_mistakes_are_one_line_in_a_subprocess(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.parametrize("flag", ["--steps", "--batch-size", "--block-size", "--eval-interval", "--eval-iters", "--base-steps",
+                                  "--sample-tokens", "--rank", "--groups", "--num-centers", "--grid-size"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_train_zero_or_negative_count_is_one_line_naming_the_flag(tmp_path, tiny_text, capsys, monkeypatch, train_cache, flag, value):
+    """A count below 1 is refused as given: not replaced by the default (`x or default` took 0 for None: --batch-size 0
+    ran a full default run), and not left to an adapter's constructor to name by its keyword."""
+    monkeypatch.setenv("NONLINEAR_LORA_CACHE", train_cache)
+    adapter = {"--groups": "genlora", "--num-centers": "genlora", "--grid-size": "lrlora"}.get(flag, "lora")
+    status, err = run_in_process([*FAST, "--out-dir", str(tmp_path), "--data", tiny_text, "--adapter", adapter, flag, value], capsys, monkeypatch)
+    lines = err.strip().splitlines()
+    assert status == 2 and lines == [f"error: {flag} {value}: must be at least 1"], (status, err)
+
+
+def test_train_short_runs_evaluate_at_most_every_15_steps():
+    """The default interval: about 20 evaluations a run, but never closer than 15 steps (each evaluation and checkpoint
+    costs several training steps: --steps 30 evaluated after every step); an explicit --eval-interval wins."""
+    interval = lambda *a: train.parse_args(["--device", "cpu", *a]).eval_interval
+    assert [interval("--steps", str(s)) for s in (1, 30, 300, 301, 2000)] == [15, 15, 15, 15, 100]
+    assert interval("--steps", "30", "--eval-interval", "1") == 1
+
+
+@pytest.mark.parametrize("given, names", [("GenLoRA", ["genlora"]), ("LR-LoRA", ["lrlora"]), ("lr_lora", ["lrlora"]), ("LoRA", ["lora"]),
+                                          ("AuroRA, RanLoRA", ["aurora", "ranlora"]), ("lora,LoRA", ["lora"]), ("ALL", list(train.ADAPTERS))])
+def test_train_adapter_names_in_any_case(given, names):
+    """--adapter takes the methods' names as the README spells them (GenLoRA, LR-LoRA); outputs go to the lower-case key."""
+    assert train.parse_args(["--adapter", given, "--device", "cpu"]).names == names
+
+
+@pytest.mark.parametrize("given, suggested", [("genlorra", "genlora"), ("LR-LoRa2", "lrlora"), ("Aurora-S", "aurora"), ("al", "all")])
+def test_train_adapter_typo_is_one_line_that_suggests_the_closest_name(tmp_path, capsys, monkeypatch, given, suggested):
+    status, err = run_in_process(["--adapter", given, "--out-dir", str(tmp_path), *FAST], capsys, monkeypatch)
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and lines[0].startswith(f"error: --adapter {given}: unknown adapter (did you mean {suggested}?)"), err
+
+
 def test_train_help_has_help_for_every_flag_and_no_doubled_defaults():
     p = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--help"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0
