@@ -350,6 +350,25 @@ def test_pretraining_is_cached_once_and_resumes_exactly(tmp_path, tiny_text, mon
     assert "pretraining the built-in GPT" not in capsys.readouterr().out
 
 
+def test_pretraining_estimate_is_the_time_measured_here(tmp_path, monkeypatch, capsys):
+    """The announced pretraining time comes from steps timed on this machine, not a constant (it said 1.5 min for a
+    2:35 run): training steps slowed to 0.5 s here are announced as about what the pretraining then takes. A tiny GPT."""
+    monkeypatch.setattr(train, "GPTConfig", lambda: GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32))
+    real_forward, real_train = M.GPT.forward, train.train
+    monkeypatch.setattr(M.GPT, "forward", lambda self, *a, **k: (torch.is_grad_enabled() and time.sleep(0.5), real_forward(self, *a, **k))[1])
+    took = []
+    monkeypatch.setattr(train, "train", lambda *a, **k: (t := time.perf_counter(), real_train(*a, **k), took.append(time.perf_counter() - t))[1])
+    monkeypatch.setenv("NONLINEAR_LORA_CACHE", str(tmp_path))
+    args = train.parse_args(["--base-steps", "4", "--device", "cpu"])
+    train.base_skeleton(args)
+    capsys.readouterr()
+    train.pretrain_gpt(args)
+    said = re.search(r"4 steps, about ([\d.]+) (s|min) here", capsys.readouterr().out)
+    assert said, "the pretraining announcement gives no time measured here"
+    estimate = float(said[1]) * (60 if said[2] == "min" else 1)
+    assert 0.7 * took[0] < estimate < 1.3 * took[0], f"pretraining announced about {estimate:.1f} s and took {took[0]:.1f} s"
+
+
 def run_in_process(argv, capsys, monkeypatch):
     """train.main on argv with the expensive steps made to fail: a user mistake must be caught before them."""
     def expensive(*a, **k):

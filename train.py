@@ -300,12 +300,35 @@ def pretrain_gpt(args):
     val = data.eval_batches(val_data, 5, 32, cfg.block_size)
     loop = Loop(steps=args.base_steps, lr=2e-3, batch_size=32, block_size=cfg.block_size, seed=1337, eval_interval=100)
     opt = torch.optim.AdamW(model.parameters(), lr=loop.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    seconds = args.base_steps * seconds_per_step(model, train_data, loop, args)
     log(f"pretraining the built-in GPT ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) once on the stdlib's code: "
-        f"{args.base_steps} steps, about {args.base_steps * 0.15 / 60:.1f} min on a 2-core CPU; Ctrl-C keeps its progress; cached at {args.base_path}")
+        f"{args.base_steps} steps, about {f'{seconds / 60:.1f} min' if seconds >= 90 else f'{seconds:.1f} s'} here (3 steps timed); "
+        f"Ctrl-C keeps its progress; cached at {args.base_path}")
     ckpt = args.base_path + ".ckpt"
     train(model, opt, train_data, val, loop, args, ckpt, {"base": args.base_path}, "pretrain", os.path.exists(ckpt), world=1, rank=0)
     atomic_save({"config": asdict(cfg), "model": model.state_dict()}, args.base_path)
     os.remove(args.base_path + ".ckpt")
+
+
+def seconds_per_step(model, tokens, loop, args, n=3):
+    """A training step's time on this machine: n steps of a throwaway copy of model (the run's weights untouched),
+    after one untimed warm-up step."""
+    model = copy.deepcopy(model).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0)
+    ix = torch.linspace(0, len(tokens) - loop.block_size - 2, loop.batch_size).long()  # one batch, not the run's: no get_batch
+    for step in range(n + 1):
+        if step == 1:
+            sync(args.device)
+            t0 = time.perf_counter()
+        x, y = data.windows(tokens, ix, loop.block_size)
+        with autocast(args):
+            logits = model(x.to(args.device))
+        F.cross_entropy(logits.float().flatten(0, 1), y.to(args.device).flatten()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sync(args.device)
+    return (time.perf_counter() - t0) / n
 
 
 # ----------------------------------------------------------------------------------------------
