@@ -565,7 +565,13 @@ def test_adapter_all_compares_every_method(tmp_path, tiny_text, train_cache):
         else:
             n_modules = GPTConfig().n_layer * len(set(m["targets"]) - {"gate"})  # the built-in GPT has no gate_proj
             assert 0 < m["rank"]["mean"]["stable_rank"] and len(m["rank"]["per_module"]) == n_modules
-    assert (tmp_path / "compare.png").exists() or "pip install matplotlib" in r.stdout + r.stderr
+    if plots.pyplot() is None:  # a run without matplotlib says how to get the figure (CI installs it: the figure is required there)
+        assert "pip install matplotlib for compare.png" in r.stdout + r.stderr
+    else:
+        from PIL import Image
+
+        assert (tmp_path / "compare.png").exists(), "matplotlib is installed, yet --adapter all drew no compare.png"
+        assert min(Image.open(tmp_path / "compare.png").size) > 500 and "pip install matplotlib" not in r.stdout + r.stderr
 
     rep = run_train("--rank-report", str(tmp_path / "genlora" / "adapter.pt"), "--out-dir", str(tmp_path / "elsewhere"), *FAST, cache=train_cache)
     assert rep.returncode == 0, rep.stderr[-2000:]
@@ -2908,11 +2914,26 @@ def plot_run(tmp_path_factory, tiny_text, train_cache):
     return out, r.stdout + r.stderr
 
 
-def test_plot_learned_png_after_training_and_again_from_the_saved_adapter(plot_run, tiny_text, in_process, capsys):
+def plot_lines_when_saved(monkeypatch):
+    """{gid: y data} of every line of each figure plots.save writes, in order: what was drawn, read before it is a PNG."""
+    drawn, real = [], plots.save
+
+    def save(fig, path, plt, **kw):
+        drawn.append({line.get_gid(): np.asarray(line.get_ydata(), dtype=np.float64) for ax in fig.axes for line in ax.lines if line.get_gid()})
+        return real(fig, path, plt, **kw)
+
+    monkeypatch.setattr(plots, "save", save)
+    return drawn
+
+
+def test_plot_learned_png_after_training_and_again_from_the_saved_adapter(plot_run, tiny_text, in_process, capsys, monkeypatch):
+    """--plot draws the adapter saved in the file: its dW spectra are the ones the training run measured on the trained
+    adapters (metrics.json), and RanLoRA's v (no weight-space dW) is the file's v."""
     pytest.importorskip("matplotlib")
     from PIL import Image
 
     out, printed = plot_run
+    drawn = plot_lines_when_saved(monkeypatch)
     for name in train.ADAPTERS:
         png = out / name / plots.FIGURE
         m = json.loads((out / name / "metrics.json").read_text())
@@ -2924,6 +2945,17 @@ def test_plot_learned_png_after_training_and_again_from_the_saved_adapter(plot_r
         capsys.readouterr()
         assert in_process(["--plot", str(out / name / "adapter.pt"), "--data", tiny_text, *FAST]) == 0
         assert png.exists() and f"saved {png}" in capsys.readouterr().out, name
+        lines = drawn[-1]
+        if m["rank"]["per_module"] is None:  # RanLoRA with GELU: its v, for every module, as saved
+            saved = torch.load(out / name / "adapter.pt")["state"]
+            v = np.stack([saved[k].double().numpy() for k in saved if k.endswith(".v")])
+            assert (np.abs(v - 1) > 1e-4).any()  # trained away from its init, v = 1
+            for j in range(v.shape[1]):
+                assert np.allclose(lines[f"v:{j}"], v[:, j], rtol=1e-6, atol=0), f"--plot {name}: the v drawn is not adapter.pt's v"
+        for n, st in (m["rank"]["per_module"] or {}).items():
+            assert max(st["spectrum"]) > 1e-5  # trained: a fresh adapter's dW would be 0 (or another one)
+            assert np.allclose(lines[f"spectrum:{n}"], st["spectrum"], rtol=1e-4, atol=1e-6 * max(st["spectrum"])), \
+                f"--plot {name}: the dW spectrum drawn for {n} is not that of the adapter saved in adapter.pt (as training measured it)"
     assert (out / "compare.png").exists()  # plot_compare, moved to plots.py, still draws
 
 
@@ -2943,6 +2975,16 @@ def test_plot_lora_reference_is_the_same_folders_lora_run_or_a_note(plot_run, tm
     (tmp_path / "lora" / "adapter.pt").write_bytes(b"half a file")  # damaged: no comparison, and no failure
     spectra, note = plots.lora_reference(tmp_path / "genlora", lora["base"])
     assert spectra == {} and "unreadable" in note
+    # a LoRA run at its own settings (r = 4, alpha = 3: scale 0.75, not the default 2): dW = (alpha / r) B A from the file
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(4, 16, generator=g), torch.randn(24, 4, generator=g)
+    (tmp_path / "custom" / "lora").mkdir(parents=True)
+    torch.save({"adapter": "lora", "targets": ["q"], "kwargs": {"r": 4, "alpha": 3.0}, "base": "a base",
+                "state": {"h.0.attn.q_proj.A": A, "h.0.attn.q_proj.B": B}}, tmp_path / "custom" / "lora" / "adapter.pt")
+    spectra, note = plots.lora_reference(tmp_path / "custom" / "genlora", "a base")
+    want = np.linalg.svd(0.75 * B.double().numpy() @ A.double().numpy(), compute_uv=False)
+    assert note is None and list(spectra) == ["h.0.attn.q_proj"]
+    np.testing.assert_allclose(spectra["h.0.attn.q_proj"], want, rtol=1e-5, atol=1e-6 * want[0], err_msg="LoRA's reference spectrum ignores the run's r or alpha")
 
 
 def test_plot_without_matplotlib_the_run_succeeds_and_says_how(tmp_path, tiny_text, in_process, monkeypatch, capsys):
@@ -3079,8 +3121,16 @@ def test_plot_ranlora_gelu_over_the_range_of_Ax_and_v():
         z, y = plot_data(fig, f"act:{n}")
         assert z[0] == pytest.approx(seen[n].min().item(), rel=1e-5) and z[-1] == pytest.approx(seen[n].max().item(), rel=1e-5)
         np.testing.assert_allclose(y, 0.5 * z * (1 + np.vectorize(math.erf)(z / math.sqrt(2))), rtol=1e-5, atol=1e-6)  # exact GELU
-    for j in range(2):
-        np.testing.assert_array_equal(plot_data(fig, f"v:{j}")[1], [m.v[j].item() for m in adapters.values()])
+    # v as each module applies it, recovered from its forward alone: the output is affine in v, so with y_e the output at
+    # v = e_j (y_0 at v = 0), y - y_0 = sum_j v_j (y_e_j - y_0), solved for v by least squares
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(3))
+    for i, m in enumerate(adapters.values()):
+        at = lambda v: functional_call(m, {"v": v}, (x,)).detach().double().flatten().numpy()
+        y0 = at(torch.zeros(2))
+        basis = np.stack([at(torch.eye(2)[j]) - y0 for j in range(2)], 1)
+        applied = np.linalg.lstsq(basis, at(m.v.detach()) - y0, rcond=None)[0]
+        drawn_v = [plot_data(fig, f"v:{j}")[1][i] for j in range(2)]
+        np.testing.assert_allclose(drawn_v, applied, rtol=1e-4, atol=1e-6, err_msg=f"the v drawn for module {i} is not the v its forward applies")
     plt.close(fig)
 
 
