@@ -2192,7 +2192,8 @@ LLAMA_CONFIGS = {
     # head_dim 16 != hidden/heads = 12, a single KV head, linear RoPE scaling, biases
     "head_dim_mqa_linear": dict(hidden_size=48, intermediate_size=80, num_attention_heads=4, num_key_value_heads=1,
                                 head_dim=16, tie_word_embeddings=False, rope_theta=500.0,
-                                rope_scaling={"rope_type": "linear", "factor": 2.0}, attention_bias=True),
+                                rope_scaling={"rope_type": "linear", "factor": 2.0}, attention_bias=True,
+                                rms_norm_eps=0.05),  # not 1e-5 (SmolLM2's, the other configs'): a loader ignoring it differs
 }
 VOCAB, LAYERS, T = 160, 2, 48
 
@@ -2202,7 +2203,7 @@ def llama_hf_model(seed=0, vocab_size=VOCAB, **kw):
     (HF's 0.02-std init leaves attention almost uniform and the logits nearly constant)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, num_hidden_layers=LAYERS, max_position_embeddings=256, rms_norm_eps=1e-5, **kw)
+    cfg = LlamaConfig(vocab_size=vocab_size, num_hidden_layers=LAYERS, max_position_embeddings=256, **{"rms_norm_eps": 1e-5, **kw})
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -2573,6 +2574,7 @@ LLAMA_MALFORMED = {  # name -> (header dict, data) or raw file bytes
     "header is a list": ([1, 2], b""),
     "unknown dtype": ({"a": {"dtype": "F12", "shape": [2], "data_offsets": [0, 8]}}, bytes(8)),
     "size does not match shape": ({"a": llama_f32([3], 0, 8)}, bytes(8)),
+    "offsets span more than the shape": ({"a": llama_f32([1], 0, 8)}, bytes(8)),  # the other way: 8 bytes for 4
     "offsets out of range": ({"a": llama_f32([2], 8, 16)}, bytes(8)),
     "offsets reversed": ({"a": llama_f32([0], 8, 0)}, bytes(8)),
     "overlapping tensors": ({"a": llama_f32([2], 0, 8), "b": llama_f32([2], 4, 12)}, bytes(12)),
@@ -2911,6 +2913,11 @@ def test_bench_tiny_writes_ratios(tmp_path):
             assert isinstance(row[key], float) or isinstance(row[key], int), (name, key, row[key])
             assert math.isfinite(row[key]) and row[key] > 0, (name, key, row[key])
     assert saved["steps"]["lora"]["step_vs_lora"] == 1.0 and saved["steps"]["floor"]["mem_vs_floor"] == 1.0
+    lora, floor = saved["steps"]["lora"], saved["steps"]["floor"]
+    for name, row in saved["steps"].items():  # each ratio is this variant's over the reference's, not the reverse
+        for key, num, ref in (("step_vs_lora", "ms_step", lora), ("step_vs_floor", "ms_step", floor), ("mem_vs_lora", "peak_mem_bytes", lora),
+                              ("mem_vs_floor", "peak_mem_bytes", floor)):
+            assert row[key] == pytest.approx(row[num] / ref[num], rel=1e-9), f"bench {name}: {key} is not its {num} over the reference's"
     assert saved["steps"]["floor"]["trainable_params"] == 0 and saved["steps"]["lora"]["trainable_params"] > 0
     # the floor's backward is real: it saves activations, so its memory exceeds the weights alone
     weights = sum(p.numel() * p.element_size() for p in bench.build_base(bench.PRESETS["tiny"], bench.torch.device("cpu"),
