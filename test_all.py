@@ -2855,9 +2855,12 @@ def llama_train(*args):
 
 @llama_needs_hf
 @llama_needs_llama_models
-def test_train_init_from_tiny_llama3_checkpoint(tmp_path):
+def test_train_init_from_tiny_llama3_checkpoint(tmp_path, monkeypatch):
     """A tiny random LLaMA with the real LLaMA-3 vocabulary, saved by transformers, tokenizer.model beside it."""
     import llama_models
+
+    loops, real_train = [], train.train
+    monkeypatch.setattr(train, "train", lambda *a, **k: (loops.append(a[4]), real_train(*a, **k))[1])
 
     model = llama_hf_model(vocab_size=128256, **LLAMA_CONFIGS["gqa_untied_llama3"])
     d = tmp_path / "ckpt"
@@ -2865,12 +2868,13 @@ def test_train_init_from_tiny_llama3_checkpoint(tmp_path):
     (d / "tokenizer.model").write_bytes((Path(llama_models.__file__).parent / "llama3" / "tokenizer.model").read_bytes())
     data = tmp_path / "data.txt"
     data.write_text(llama_pydoc_text()[:20_000])
-    r = llama_train("--init-from", str(d), "--adapter", "lora", "--data", str(data), "--out-dir", str(tmp_path / "out"), *LLAMA_INIT_FROM_FAST)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert train.main(["--init-from", str(d), "--adapter", "lora", "--data", str(data), "--out-dir", str(tmp_path / "out"), *LLAMA_INIT_FROM_FAST]) == 0
     m = json.loads((tmp_path / "out" / "lora" / "metrics.json").read_text())
     assert m["merge"]["exact"] and m["merge"]["passed"] and m["base"].startswith("LLaMA")
-    # a real LLM gets the papers' LLM setup: its adapter's llm_lr (not the built-in GPT's lr) and dropout 0.05
+    # a real LLM gets the papers' LLM setup: its adapter's llm_lr (not the built-in GPT's lr), dropout 0.05, warm-up over
+    # 10% of the steps (at least 1; the built-in GPT's is 20 steps)
     assert m["lr"] == train.ADAPTERS["lora"].llm_lr != train.ADAPTERS["lora"].lr and m["kwargs"]["dropout"] == 0.05
+    assert [loop.warmup for loop in loops] == [1], "--init-from: the warm-up is not 10% of the steps"
     assert m["trainable_params"] == 2 * 8 * sum(a + b for a, b in [(64, 64), (64, 32), (64, 32), (64, 64), (64, 96), (64, 96), (96, 64)])
     bad = llama_train("--init-from", str(tmp_path / "nowhere"), "--adapter", "lora", "--out-dir", str(tmp_path / "out"), *LLAMA_INIT_FROM_FAST)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --init-from") and "Traceback" not in bad.stderr
