@@ -2450,6 +2450,11 @@ def test_llama_loader_errors(llama_hf_dirs, tmp_path):
     with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.k_proj\.weight has shape \(64, 64\), the config expects \(32, 64\)"):
         M.load_llama(tmp_path / "wrong")
 
+    quantized = dict(sd, **{"model.layers.0.self_attn.k_proj.weight": torch.zeros(32, 64, dtype=torch.int8)})  # right shape, int8
+    llama_save(tmp_path / "quantized", cfg, quantized)
+    with pytest.raises(ValueError, match=r"k_proj\.weight is torch\.int8: quantized checkpoints are not supported"):
+        M.load_llama(tmp_path / "quantized")
+
     extra = dict(sd, **{"model.layers.0.self_attn.q_norm.weight": torch.ones(16)})
     llama_save(tmp_path / "extra", cfg, extra)
     with pytest.raises(ValueError, match=r"unexpected tensor model\.layers\.0\.self_attn\.q_norm\.weight"):
@@ -2762,6 +2767,23 @@ def test_tokenizer_json_llama3_equals_tokenizers_library(llama_llama3_tokenizer_
     assert ours.encode("This is a test sentence.") == llama_tok.encode("This is a test sentence.")
     specials = list(range(128000, 128256))
     assert ours.decode(specials) == llama_tok.decode(specials)
+
+
+def test_llama_tokenizer_json_ignore_merges_takes_a_whole_pre_token_from_the_vocab(tmp_path):
+    """ignore_merges (LLaMA-3's tokenizer.json has it): a pre-token found whole in the vocab is one token, even where the
+    merges cannot build it ("abc" here: only "a b" and "Ġ ab" are merges); without it, merges alone. Against the tokenizers
+    library. (LLaMA-3's own vocab is all reachable by merges, so its test cannot tell the two apart.)"""
+    tokenizers = pytest.importorskip("tokenizers")
+    alphabet = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    vocab = {**{c: i for i, c in enumerate(alphabet)}, "ab": 256, "abc": 257, "Ġab": 258}
+    for ignore in (True, False):
+        ref = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, [("a", "b"), ("Ġ", "ab")], ignore_merges=ignore))
+        ref.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        ref.save(str(tmp_path / "tokenizer.json"))
+        ours = M.load_tokenizer(tmp_path / "tokenizer.json")
+        for s in ["abc", "abc abc", "ab ab", " ab!"]:
+            assert ours.encode(s) == ref.encode(s).ids, (ignore, s)
+        assert (ours.encode("abc") == [257]) == ignore
 
 
 def test_llama_tokenizer_json_other_kinds_are_refused(tmp_path):
