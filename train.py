@@ -15,6 +15,7 @@ GPT) -> finish (save first, then sample, rank diagnostics, merge check) -> compa
 import argparse
 import contextlib
 import copy
+import difflib
 import hashlib
 import importlib
 import inspect
@@ -90,7 +91,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--adapter", default="genlora", help=f"one of {', '.join(ADAPTERS)}; a comma list or 'all' trains each and compares them (default: %(default)s)")
+    p.add_argument("--adapter", default="genlora", help=f"one of {', '.join(ADAPTERS)} (any case: GenLoRA, LR-LoRA); a comma list or 'all' trains each and compares them (default: %(default)s)")
     p.add_argument("--data", nargs="+", help="text files, folders or globs to fine-tune on (default: Python's pydoc topics)")
     p.add_argument("--init-from", help="a LLaMA checkpoint directory, HF or Meta layout (default: the built-in GPT)")
     p.add_argument("--targets", help=f"comma-separated subset of {','.join(adapt.TARGETS)} (default: the adapter's paper)")
@@ -116,7 +117,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, help="global batch, split across torchrun processes (default: 32 on the built-in GPT, 8 on LLaMA)")
     p.add_argument("--block-size", type=int, help="tokens per sequence (default: 128 on the built-in GPT, its fixed context; 256 on LLaMA)")
     p.add_argument("--lr", type=float, help="peak learning rate, 0 allowed (default: the adapter's in train.ADAPTERS, lr or with --init-from llm_lr)")
-    p.add_argument("--eval-interval", type=int, help="evaluate and checkpoint every N steps (default: steps/20, at least 1)")
+    p.add_argument("--eval-interval", type=int, help="evaluate and checkpoint every N steps (default: steps/20, at least 15)")
     p.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation (default: %(default)s)")
     p.add_argument("--base-steps", type=int, default=600, help="pretraining steps of the built-in GPT, done once and cached (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto, a GPU if there is one)")
@@ -139,10 +140,10 @@ def parse_args(argv=None):
     saved.add_argument("--export", nargs=2, metavar=("ADAPTER_PT", "OUT_DIR"), help="merge a saved adapter.pt into its --init-from base as a HF directory, and exit")
     p.add_argument("--allow-approximate", action="store_true", help="--export an adapter whose merge only approximates it (AuroRA dynamic)")
     args = p.parse_args(argv)
-    args.names = list(ADAPTERS) if args.adapter == "all" else [n.strip() for n in args.adapter.split(",") if n.strip()]
-    for n in args.names or [args.adapter]:
-        if n not in ADAPTERS:
-            raise UserError(f"--adapter {n}: unknown adapter (choose from {', '.join(ADAPTERS)}, or all)")
+    args.names = [adapter_key(n) for n in args.adapter.split(",") if n.strip()] or [adapter_key(args.adapter)]
+    if "all" in args.names and len(args.names) > 1:
+        raise UserError(f"--adapter {args.adapter}: 'all' already trains every adapter; give it alone, or a list of names")
+    args.names = list(ADAPTERS) if args.names == ["all"] else list(dict.fromkeys(args.names))  # lora,LoRA: one run
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     kind, _, index = args.device.partition(":")
@@ -153,19 +154,35 @@ def parse_args(argv=None):
                         f"MPS {'yes' if torch.backends.mps.is_available() else 'no'})")
     if args.dtype == "auto":
         args.dtype = "bfloat16" if args.device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
-    args.block_size = args.block_size or (256 if args.init_from else 128)
-    args.batch_size = args.batch_size or (8 if args.init_from else 32)
+    for k in ("steps", "batch_size", "block_size", "eval_interval", "eval_iters", "base_steps", "sample_tokens", "r", "groups", "num_centers",
+              "grid_size"):  # counts: checked as given, before a default replaces a None (an `x or default` would swallow 0)
+        if getattr(args, k) is not None and getattr(args, k) < 1:
+            raise UserError(f"--{'rank' if k == 'r' else k.replace('_', '-')} {getattr(args, k)}: must be at least 1")
+    if args.block_size is None:
+        args.block_size = 256 if args.init_from else 128
+    if args.batch_size is None:
+        args.batch_size = 8 if args.init_from else 32
     if args.init_from and args.dropout is None:
         args.dropout = LLM_DROPOUT
-    args.eval_interval = args.eval_interval or max(1, args.steps // 20)
-    for k in ("steps", "batch_size", "block_size", "eval_interval", "eval_iters", "base_steps", "sample_tokens"):
-        if getattr(args, k) < 1:
-            raise UserError(f"--{k.replace('_', '-')} {getattr(args, k)}: must be at least 1")
+    # about 20 evaluations a run, never closer than 15 steps (the default run's interval): each one (--eval-iters batches
+    # and a checkpoint) costs 3-4 training steps, so evaluating stays under ~25% of a run's time, short runs included
+    args.eval_interval = max(15, args.steps // 20) if args.eval_interval is None else args.eval_interval
     if args.lr is not None and not args.lr >= 0:
         raise UserError(f"--lr {args.lr:g}: must be 0 or more")
     if args.batch_size % WORLD:
         raise UserError(f"--batch-size {args.batch_size}: must divide evenly across {WORLD} processes")
     return args
+
+
+def adapter_key(name):
+    """--adapter's name as a key of ADAPTERS (or 'all'): any case, '-' and '_' ignored (GenLoRA, LR-LoRA, lr_lora); a typo
+    is an error that suggests the closest name."""
+    key = name.strip().lower().replace("-", "").replace("_", "")
+    if key in ADAPTERS or key == "all":
+        return key
+    close = difflib.get_close_matches(key, [*ADAPTERS, "all"], n=1)
+    raise UserError(f"--adapter {name.strip()}: unknown adapter{f' (did you mean {close[0]}?)' if close else ''}; "
+                    f"choose from {', '.join(ADAPTERS)}, or all")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,12 +305,35 @@ def pretrain_gpt(args):
     loop = Loop(steps=args.base_steps, lr=2e-3, batch_size=32, block_size=cfg.block_size, seed=1337, eval_interval=100,
                 cuda_graph=args.cuda_graph and args.device.startswith("cuda"))
     opt = torch.optim.AdamW(model.parameters(), lr=loop.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    seconds = args.base_steps * seconds_per_step(model, train_data, loop, args)
     log(f"pretraining the built-in GPT ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) once on the stdlib's code: "
-        f"{args.base_steps} steps, about {args.base_steps * 0.15 / 60:.1f} min on a 2-core CPU; Ctrl-C keeps its progress; cached at {args.base_path}")
+        f"{args.base_steps} steps, about {f'{seconds / 60:.1f} min' if seconds >= 90 else f'{seconds:.1f} s'} here (3 steps timed); "
+        f"Ctrl-C keeps its progress; cached at {args.base_path}")
     ckpt = args.base_path + ".ckpt"
     train(model, opt, train_data, val, loop, args, ckpt, {"base": args.base_path}, "pretrain", os.path.exists(ckpt), world=1, rank=0)
     atomic_save({"config": asdict(cfg), "model": model.state_dict()}, args.base_path)
     os.remove(args.base_path + ".ckpt")
+
+
+def seconds_per_step(model, tokens, loop, args, n=3):
+    """A training step's time on this machine: n steps of a throwaway copy of model (the run's weights untouched),
+    after one untimed warm-up step."""
+    model = copy.deepcopy(model).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0)
+    ix = torch.linspace(0, len(tokens) - loop.block_size - 2, loop.batch_size).long()  # one batch, not the run's: no get_batch
+    for step in range(n + 1):
+        if step == 1:
+            sync(args.device)
+            t0 = time.perf_counter()
+        x, y = data.windows(tokens, ix, loop.block_size)
+        with autocast(args):
+            logits = model(x.to(args.device))
+        F.cross_entropy(logits.float().flatten(0, 1), y.to(args.device).flatten()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sync(args.device)
+    return (time.perf_counter() - t0) / n
 
 
 # ----------------------------------------------------------------------------------------------
