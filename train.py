@@ -100,7 +100,7 @@ def parse_args(argv=None):
     m = p.add_argument_group("method-specific (default: the adapter's)")
     m.add_argument("--groups", type=int, help="GenLoRA: groups per latent")
     m.add_argument("--num-centers", type=int, help="GenLoRA: RBF centers per generator")
-    m.add_argument("--freeze-latents", action="store_const", const=True, help="GenLoRA variant (Table 7): train the generators only")
+    m.add_argument("--freeze-latents", nargs="?", const="both", choices=["A", "B", "both"], help="GenLoRA variant (Table 7): keep z_A, z_B or both (no value: both) at their init")
     m.add_argument("--no-normalize", dest="normalize", action="store_const", const=False, help="GenLoRA variant (Table 4): drop Eq. 6")
     m.add_argument("--grid-size", type=int, help="LR-LoRA: sinc basis functions")
     m.add_argument("--grid-range", type=float, help="LR-LoRA: the sinc grid spans [-range, range]")
@@ -153,6 +153,8 @@ def parse_args(argv=None):
     args.batch_size = args.batch_size or (8 if args.init_from else 32)
     if args.init_from and args.dropout is None:
         args.dropout = LLM_DROPOUT
+    if args.freeze_latents == "both":  # GenLoRALinear(freeze_latents=True)
+        args.freeze_latents = True
     args.eval_interval = args.eval_interval or max(1, args.steps // 20)
     for k in ("steps", "batch_size", "block_size", "eval_interval", "eval_iters", "base_steps", "sample_tokens"):
         if getattr(args, k) < 1:
