@@ -1865,7 +1865,7 @@ def adapter_randomize_(m, seed=0, std=0.5):
 
 
 @pytest.mark.parametrize("name, rule", [
-    ("lora", lambda r: 16 / r),  # LoRA §4.1: alpha = 16 constant in r
+    ("lora", lambda r: 16 / r),  # LoRA §4.1: alpha constant in r; 16 is LLM-Adapters' value (r = 8, alpha = 16)
     ("genlora", lambda r: 1.0),  # GenLoRA Eq. 4: ΔW = B A, no factor
     ("aurora", lambda r: 2.0),  # AuroRA App. G: r = 2, alpha = 4 "correspondingly"; alpha = 2r (RanLoRA Tables 12, 15)
     ("ranlora", lambda r: 2.0),  # RanLoRA App. C.3: s = 2; alpha = 2r̂ (Tables 12, 15)
