@@ -101,7 +101,7 @@ def parse_args(argv=None):
     m = p.add_argument_group("method-specific (default: the adapter's)")
     m.add_argument("--groups", type=int, help="GenLoRA: groups per latent")
     m.add_argument("--num-centers", type=int, help="GenLoRA: RBF centers per generator")
-    m.add_argument("--freeze-latents", action="store_const", const=True, help="GenLoRA variant (Table 7): train the generators only")
+    m.add_argument("--freeze-latents", nargs="?", const="both", choices=["A", "B", "both"], help="GenLoRA variant (Table 7): keep z_A, z_B or both (no value: both) at their init")
     m.add_argument("--no-normalize", dest="normalize", action="store_const", const=False, help="GenLoRA variant (Table 4): drop Eq. 6")
     m.add_argument("--grid-size", type=int, help="LR-LoRA: sinc basis functions")
     m.add_argument("--grid-range", type=float, help="LR-LoRA: the sinc grid spans [-range, range]")
@@ -164,6 +164,8 @@ def parse_args(argv=None):
         args.batch_size = 8 if args.init_from else 32
     if args.init_from and args.dropout is None:
         args.dropout = LLM_DROPOUT
+    if args.freeze_latents == "both":  # GenLoRALinear(freeze_latents=True)
+        args.freeze_latents = True
     # about 20 evaluations a run, never closer than 15 steps (the default run's interval): each one (--eval-iters batches
     # and a checkpoint) costs 3-4 training steps, so evaluating stays under ~25% of a run's time, short runs included
     args.eval_interval = max(15, args.steps // 20) if args.eval_interval is None else args.eval_interval
