@@ -8,6 +8,13 @@ Residual-aware initialization (§3.2). The pretrained weight is split by its SVD
     W_P = W0 - W_R          the principal part, frozen                   (Eqs. 4, 6)
     B = U_r (S_r/s)^1/2,  A = (S_r/s)^1/2 V_r^T,  so s * B A = W_R       (Eq. 7, scale s)
 
+Eq. 7 as printed has no division by s: B = U_r S_r^1/2, A = S_r^1/2 V_r^T, so s B A = s W_R
+(init="literal"; W_P = W0 - W_R all the same). The paper is silent on which it means. With s = 2 the
+literal reading cancels the first-order init gap (s GELU'(0) = 2 * 1/2 = 1: s B GELU(A x) ~ B A x = W_R x);
+ours (init="residual", the default) makes the linear path s B A equal W_R instead. init="principal" is
+Table 16's principal-aware init: the r LARGEST triplets go to A, B (scale-aware as the default) and the
+frozen base keeps W0 minus them.
+
 Architecture (§3.3): a nonlinearity and a learnable modulation vector v in the bottleneck
 
     h = W_P x + s * B (v ⊙ GELU(A x))                                    (Eq. 8)
@@ -19,8 +26,8 @@ activation="identity" is its "w/o act" ablation (Table 6). Table 6's other ablat
 modulation=False ("w/o v": no v, h = W_P x + s B GELU(A x)) and init="kaiming" ("w/o rai": no SVD,
 A Kaiming-uniform, B = 0, the base W0 kept as it is, as LoRA; the layer then starts as the base).
 
-At init the layer is NOT exactly the pretrained one: it computes W0 x + s B (GELU(A x) - A x).
-init_gap(x) returns that difference. GELU acts on the activations A x, so there is no
+At init the layer is NOT exactly the pretrained one: it computes W0 x + s B (GELU(A x) - A x)
+(literal: W0 x + B (s GELU(A x) - A x)). init_gap(x) returns that difference. GELU acts on the activations A x, so there is no
 weight-space update to merge: exact_merge is False and delta_weight() raises. With
 activation="identity", dW = s B diag(v) A on top of W_P merges exactly.
 
@@ -37,11 +44,12 @@ import torch.nn.functional as F
 
 # Eq. 8, Tables 6-7; not specified by the paper: which GELU; the exact (erf) one, torch's and HF's default
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "identity": nn.Identity}
+INITS = ("residual", "literal", "principal", "kaiming")  # §3.2 with s B A = W_R; Eq. 7 as printed; Table 16; Table 6 "w/o rai"
 
 
-def smallest_singular_triplets(W: torch.Tensor, r: int):
-    """U_r (m x r), S_r (r,) descending, V_r^T (r x n): the r smallest singular triplets of W (Eqs. 3, 5),
-    and W's largest singular value. float32 in and out."""
+def singular_triplets(W: torch.Tensor, r: int, largest: bool = False):
+    """U_r (m x r), S_r (r,) descending, V_r^T (r x n): the r smallest singular triplets of W (Eqs. 3, 5), or the r
+    largest (Table 16's principal-aware init), and W's largest singular value. float32 in and out."""
     if W.device.type not in ("mps", "meta"):  # MPS has no float64 and meta no values: both take the SVD below
         # torch has no partial SVD, but the smaller Gram matrix has the same small end, M^T M = V S^2 V^T, and
         # its eigh is faster (one CPU thread: 1.7-4x). Formed in float64 because squaring the spectrum in
@@ -50,16 +58,18 @@ def smallest_singular_triplets(W: torch.Tensor, r: int):
         tall = W.shape[0] >= W.shape[1]
         M = W.double() if tall else W.double().T  # (large x small)
         lam, V = torch.linalg.eigh(M.T @ M)  # eigenvalues ascending
-        S_r, V_r, S_max = lam[:r].clamp_min(0).sqrt().flip(0), V[:, :r].flip(1), lam[-1].sqrt()
+        pick = slice(lam.numel() - r, None) if largest else slice(0, r)
+        S_r, V_r, S_max = lam[pick].clamp_min(0).sqrt().flip(0), V[:, pick].flip(1), lam[-1].sqrt()
         # u_i = M v_i / s_i, unless s_i^2 sits at the float64 Gram's rounding level (W rank-deficient): then u_i
         # is arbitrary and the SVD picks one
-        if lam[0] > lam[-1] * max(W.shape) * torch.finfo(torch.float64).eps:
+        if lam[pick].min() > lam[-1] * max(W.shape) * torch.finfo(torch.float64).eps:
             U_r = M @ V_r / S_r
             U_r, Vh_r = (U_r, V_r.T) if tall else (V_r, U_r.T)
             return U_r.float(), S_r.float(), Vh_r.float(), S_max.float()
     # thin SVD: full_matrices=False skips the larger square factor Eq. 3 writes (822 MB for LLaMA-3-8B's down_proj)
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)  # Eq. 3, S descending
-    return U[:, -r:], S[-r:], Vh[-r:], S[0]
+    pick = slice(0, r) if largest else slice(S.numel() - r, None)
+    return U[:, pick], S[pick], Vh[pick], S[0]
 
 
 class RanLoRALinear(nn.Module):
@@ -75,16 +85,20 @@ class RanLoRALinear(nn.Module):
             raise ValueError(f"dropout={dropout!r}: must be in [0, 1)")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation={activation!r}: unknown activation (choose from {', '.join(ACTIVATIONS)})")
-        if init not in ("residual", "kaiming"):
-            raise ValueError(f"init={init!r}: choose 'residual' (the paper's SVD init, §3.2) or 'kaiming' (Table 6 'w/o rai')")
+        if init not in INITS:
+            raise ValueError(f"init={init!r}: choose 'residual' (the paper's SVD init, §3.2, s B A = W_R), 'literal' (Eq. 7 as "
+                             "printed, s B A = s W_R), 'principal' (Table 16, the largest triplets) or 'kaiming' (Table 6 'w/o rai')")
         self.alpha = 2 * r if alpha is None else alpha  # alpha = 2r: s = 2 at every rank (App. C.3, Tables 12, 15)
         self.r, self.scale, self.activation = r, self.alpha / r, activation
         self.modulation, self.init = bool(modulation), init
         self.exact_merge = activation == "identity"  # identity: h = (W_P + s B diag(v) A) x, a plain linear map
 
         W0 = base.weight.detach().float()
-        if init == "residual":  # residual-aware initialization (§3.2), where the weight lives (GPU when there is one)
-            U_r, S_r, Vh_r, S_max = smallest_singular_triplets(W0, r)  # the r smallest singular triplets (Eq. 5)
+        # W_R = init_scale * B A at init: s (residual, principal) or 1 (literal Eq. 7, so that s B A = s W_R)
+        self.init_scale = 1.0 if init == "literal" else self.scale
+        if init != "kaiming":  # residual-aware initialization (§3.2), where the weight lives (GPU when there is one)
+            # the r smallest singular triplets (Eq. 5); principal: the r largest (Table 16)
+            U_r, S_r, Vh_r, S_max = singular_triplets(W0, r, largest=init == "principal")
             # not specified by the paper: the sign of each pair (u_i, v_i). GELU is not odd, so the sign changes
             # the model; make the largest |entry| of each u_i positive so every library and device agree
             sign = U_r.gather(0, U_r.abs().argmax(0, keepdim=True)).sign()
@@ -93,7 +107,7 @@ class RanLoRALinear(nn.Module):
             # W_P is the complement of W_R, so W0 = W_P + W_R holds exactly (Eq. 6); Eq. 4's printed
             # indices (m = d_out - r - 1) would drop one more triplet
             W_P = W0 - W_R
-            root = (S_r / self.scale).clamp_min(0).sqrt()  # scale-aware Eq. 7: s * B A = U_r S_r V_r^T
+            root = (S_r / self.init_scale).clamp_min(0).sqrt()  # scale-aware Eq. 7: s * B A = U_r S_r V_r^T (literal: B A)
             B, A = U_r * root, root[:, None] * Vh_r  # (out x r), (r x in), Eq. 7
         else:  # Table 6 "w/o rai": A Kaiming-uniform, B = 0, as LoRA (and AuroRA); the base keeps W0
             W_P, B, A = W0, W0.new_zeros(m, r), W0.new_empty(r, n)  # float32, on the weight's device
@@ -113,7 +127,7 @@ class RanLoRALinear(nn.Module):
         self.act = ACTIVATIONS[activation]()
         # not specified by the paper: where dropout goes; as LoRA, on the adapter path's input
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        if init == "residual" and W0.device.type != "meta" and S_r.max() <= S_max * max(m, n) ** 0.5 * torch.finfo(torch.float32).eps:
+        if init in ("residual", "literal") and W0.device.type != "meta" and S_r.max() <= S_max * max(m, n) ** 0.5 * torch.finfo(torch.float32).eps:
             # float32 rounding level: the residual directions are noise, and A = B = 0 would be a stationary point
             warnings.warn(f"RanLoRA: the {r} smallest singular values of this {m}x{n} weight are at rounding level (rank-deficient): "
                           "the residual directions are arbitrary and A, B start at (almost) zero")
@@ -131,14 +145,14 @@ class RanLoRALinear(nn.Module):
 
     @torch.no_grad()
     def init_gap(self, x) -> torch.Tensor:
-        """s B (v ⊙ (act(A x) - A x)) in float32: what the nonlinearity adds to the linear residual path.
+        """B (v ⊙ (s act(A x) - k A x)) in float32, k = init_scale: what the nonlinearity adds to the linear residual path.
 
-        Before training (v = 1, s B A = W_R) this is exactly forward(x) - W0 x, the gap between the
-        wrapped layer and the pretrained one; it is zero for activation="identity" and for init="kaiming" (B = 0)."""
+        Before training (v = 1, k B A = W_R) this is exactly forward(x) - W0 x, the gap between the wrapped layer
+        and the pretrained one; it is zero for init="kaiming" (B = 0) and for activation="identity" unless literal."""
         with torch.autocast(x.device.type, enabled=False):
             z = F.linear(x.to(self.A.dtype), self.A)
-            u = self.act(z) - z
-            return self.scale * F.linear(u if self.v is None else self.v * u, self.B)
+            u = self.scale * self.act(z) - self.init_scale * z
+            return F.linear(u if self.v is None else self.v * u, self.B)
 
     def delta_weight(self) -> torch.Tensor:
         if not self.exact_merge:

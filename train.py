@@ -38,6 +38,7 @@ import data
 import diagnostics
 import export
 import plots
+import task
 from nanogpt_model import GPT, LLaMA, ByteTokenizer, GPTConfig, LLaMAConfig, generate, load_llama, load_tokenizer
 
 
@@ -48,21 +49,26 @@ class Adapter:  # one adapter file: its class, and train.py's defaults for it (a
     targets: str  # from its paper, where the model has those projections (the built-in GPT has no gate_proj)
     lr: float  # on the built-in GPT: chosen so that the default run is stable
     llm_lr: float  # with --init-from (a real LLM): the paper's LLM lr where it gives one, checked on SmolLM2-135M
+    # with --init-from: linear warm-up over this many steps (below 1: this fraction of --steps), then linear decay to 0,
+    # as the papers train LLMs; 100 steps is the LLM-Adapters harness (Hu et al., 2023) that GenLoRA, AuroRA and RanLoRA
+    # train in, and in which their LoRA baselines ran: LoRA gets it too
+    llm_warmup: float = 100
 
 
 ADAPTERS = {
     "lora": Adapter("lora", "LoRALinear", "q,k,v,o,gate,up,down", 1e-3, 3e-4),
     "genlora": Adapter("genlora", "GenLoRALinear", "q,k,v", 5e-3, 5e-3),  # the paper's commonsense lr
     # LR-LoRA: 1e-2 diverges on the built-in GPT; on SmolLM2 3e-4 first raises the val loss (f(0)'s all-ones term), 1e-4 does not
-    "lrlora": Adapter("lrlora", "LRLoRALinear", "q,k,v,o,gate,up,down", 1e-3, 1e-4),
+    "lrlora": Adapter("lrlora", "LRLoRALinear", "q,k,v,o,gate,up,down", 1e-3, 1e-4, llm_warmup=0.1),  # App. E.1: warm-up ratio 0.10
     "aurora": Adapter("aurora", "AuroRALinear", "q,k,v,up,down", 1e-2, 3e-4),  # the paper: 5e-3 to 1.5e-2 small models, 3e-4 LLMs
     "ranlora": Adapter("ranlora", "RanLoRALinear", "q,k,v,up,down", 3e-3, 1e-4),  # the paper's LLM lr 1e-4
 }
+FINISH_STEPS = ("task", "sample", "rank", "merge", "plot")  # after the last step, each failing alone (see finish)
 LLM_DROPOUT = 0.05  # with --init-from: the adapter dropout all four papers use on LLMs (the built-in GPT: the adapter's own)
 # command-line dest -> adapter constructor keyword, passed when the adapter's __init__ takes it
 ADAPTER_KWARGS = ("r", "alpha", "dropout", "groups", "num_centers", "freeze_latents", "normalize", "grid_size", "grid_range",
                   "learn_bandwidth", "mode", "fixed", "learnable", "fixed_activation", "activation", "modulation", "init")
-WARMUP, GRAD_CLIP = 20, 1.0  # linear warm-up steps (--init-from: 10% of the steps, the papers' LLM setup) and gradient-norm clip
+WARMUP, GRAD_CLIP = 20, 1.0  # the built-in GPT's linear warm-up steps (--init-from: the adapter's llm_warmup) and gradient-norm clip
 RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 DISTRIBUTED = "LOCAL_RANK" in os.environ  # started by torchrun (even with one process: DDP all the same)
 
@@ -112,7 +118,9 @@ def parse_args(argv=None):
     m.add_argument("--fixed-activation", choices=["tanh", "leaky_relu", "sigmoid"], help="AuroRA variant (Table 5): the activation in F")
     m.add_argument("--activation", choices=["gelu", "relu", "tanh", "identity"], help="RanLoRA: nonlinearity on A x")
     m.add_argument("--no-modulation", dest="modulation", action="store_const", const=False, help="RanLoRA variant (Table 6, w/o v)")
-    m.add_argument("--ranlora-init", dest="init", choices=["residual", "kaiming"], help="RanLoRA: residual SVD init, or kaiming (Table 6, w/o rai)")
+    m.add_argument("--ranlora-init", dest="init", choices=["residual", "literal", "principal", "kaiming"],
+                   help="RanLoRA: residual SVD init with s B A = W_R, literal (Eq. 7 as printed: s B A = s W_R), principal (Table 16: "
+                        "the largest triplets) or kaiming (Table 6, w/o rai)")
     p.add_argument("--steps", type=int, default=300, help="training steps (default: %(default)s)")
     p.add_argument("--batch-size", type=int, help="global batch, split across torchrun processes (default: 32 on the built-in GPT, 8 on LLaMA)")
     p.add_argument("--block-size", type=int, help="tokens per sequence (default: 128 on the built-in GPT, its fixed context; 256 on LLaMA)")
@@ -133,6 +141,10 @@ def parse_args(argv=None):
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT_DIR/<adapter>/ holds an interrupted run")
     p.add_argument("--prompt", default="The ", help="start of the generated sample (default: %(default)r)")
     p.add_argument("--sample-tokens", type=int, default=200, help="length of the generated sample (default: %(default)s)")
+    p.add_argument("--task-eval", metavar="FILE", help="a task file (tools/make_task.py): greedy exact-match accuracy on its problems "
+                                                       "before and after training, into metrics.json (task.py)")
+    p.add_argument("--skip", default="", type=lambda v: [w for w in v.split(",") if w], metavar="LIST",
+                   help="what not to run after the last step, a comma list of " + ", ".join(FINISH_STEPS) + " (tools/study.py skips sample,plot)")
     saved = p.add_mutually_exclusive_group()  # a saved adapter.pt on its base, instead of training
     saved.add_argument("--rank-report", metavar="ADAPTER_PT", help="print the rank diagnostics of a saved adapter.pt and exit")
     saved.add_argument("--plot", metavar="ADAPTER_PT", help=f"draw what a saved adapter.pt learned into {plots.FIGURE} next to it (its activations from --data) and exit")
@@ -169,6 +181,8 @@ def parse_args(argv=None):
     # about 20 evaluations a run, never closer than 15 steps (the default run's interval): each one (--eval-iters batches
     # and a checkpoint) costs 3-4 training steps, so evaluating stays under ~25% of a run's time, short runs included
     args.eval_interval = max(15, args.steps // 20) if args.eval_interval is None else args.eval_interval
+    if set(args.skip) - set(FINISH_STEPS):
+        raise UserError(f"--skip {','.join(args.skip)}: choose from {', '.join(FINISH_STEPS)}")
     if args.lr is not None and not args.lr >= 0:
         raise UserError(f"--lr {args.lr:g}: must be 0 or more")
     if args.batch_size % WORLD:
@@ -199,6 +213,7 @@ class Job:  # one adapter's run, resolved before any expensive work
     lr: float
     out: str  # <out-dir>/<name>
     signature: dict  # what must match for an interrupted run to resume
+    schedule: tuple = (WARMUP, "cosine")  # (warm-up steps, decay): see schedule()
     resume: bool = False  # out/<name>/ holds an interrupted run with this signature
 
 
@@ -214,9 +229,10 @@ def prepare(args):
         targets, kwargs = parse_targets(ADAPTERS[name].targets if args.targets is None else args.targets), adapter_kwargs(name, args)
         inject(copy.deepcopy(skeleton), name, targets, kwargs, quiet=True)  # on the meta device: bad ranks, groups, targets
         lr = args.lr if args.lr is not None else ADAPTERS[name].llm_lr if args.init_from else ADAPTERS[name].lr
+        sched = schedule(name, args)
         signature = {"adapter": name, "targets": targets, "kwargs": kwargs, "lr": lr, "steps": args.steps, "batch_size": args.batch_size,
-                     "block_size": args.block_size, "seed": args.seed, "data": args.data, "base": base_desc, "world": WORLD}
-        jobs.append(Job(name, targets, kwargs, lr, os.path.join(args.out_dir, name), signature))
+                     "block_size": args.block_size, "seed": args.seed, "data": args.data, "base": base_desc, "world": WORLD, "schedule": list(sched)}
+        jobs.append(Job(name, targets, kwargs, lr, os.path.join(args.out_dir, name), signature, schedule=sched))
         ckpt, done = os.path.join(jobs[-1].out, "ckpt.pt"), os.path.join(jobs[-1].out, "adapter.pt")
         if os.path.exists(ckpt) and not args.no_resume:  # never overwrite a result silently: resume it, or ask
             saved = load_checkpoint(ckpt, "checkpoint (pass --no-resume to start over)").get("signature")
@@ -230,6 +246,10 @@ def prepare(args):
         tok = load_tokenizer(args.init_from) if args.init_from else ByteTokenizer()
     except (OSError, ValueError) as e:
         raise UserError(f"--init-from {args.init_from}: {e}")
+    try:
+        args.task_problems = task.load(args.task_eval)["problems"] if args.task_eval else None
+    except ValueError as e:
+        raise UserError(f"--task-eval {e}")
     if not tok.encode(args.prompt, bos=True):
         raise UserError(f"--prompt {args.prompt!r}: must give at least one token")
     train_data, val_data, skipped = read_data(args, tok)
@@ -239,6 +259,7 @@ def prepare(args):
     base.requires_grad_(False)
     val_batches = data.eval_batches(val_data, args.eval_iters, args.batch_size, args.block_size)
     val_before = evaluate(base, val_batches, args) if RANK == 0 else None
+    args.task_before = task_accuracy(base, tok, args) if args.task_eval and RANK == 0 else None  # the base model's (step 0)
     if DISTRIBUTED:
         torch.distributed.barrier()  # every process has decided whether to resume before rank 0 replaces a checkpoint
     return base, base_desc, tok, train_data, val_batches, val_before, jobs
@@ -424,6 +445,7 @@ class Loop:
     eval_interval: int
     compile: bool = False
     warmup: int = WARMUP
+    decay: str = "cosine"  # after the warm-up: "cosine" to 10% of the peak, or "linear" to 0 (see lr_factor)
     cuda_graph: bool = False  # capture the step once, replay it (CUDA, one process)
 
 
@@ -447,6 +469,11 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def task_accuracy(model, tok, args):
+    """--task-eval: greedy exact-match accuracy on the task file's problems (task.py)."""
+    return task.accuracy(model, tok, args.task_problems, args.device, lambda: autocast(args))
+
+
 @torch.no_grad()
 def evaluate(model, batches, args):
     was_training = model.training
@@ -460,11 +487,24 @@ def evaluate(model, batches, args):
     return sum(losses) / len(losses)
 
 
-def lr_factor(step, steps, warmup=WARMUP):
-    """Linear warm-up, then cosine decay to 10% of the peak."""
+def lr_factor(step, steps, warmup=WARMUP, decay="cosine"):
+    """Linear warm-up over `warmup` steps (the first step already at 1/warmup), then cosine decay to 10% of the peak,
+    or linear decay to 0 (HF's get_linear_schedule_with_warmup, the papers' LLM schedule: the last step at 1/(steps - warmup))."""
     if step < warmup:
         return (step + 1) / warmup
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
+    t = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return 1.0 - t if decay == "linear" else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def schedule(name, args):
+    """(warm-up steps, decay) of a fine-tuning run. With --init-from: the adapter's paper schedule, linear warm-up over
+    its llm_warmup then linear decay to 0, the warm-up capped at 10% of the run (the papers train for thousands of
+    steps; at 1,000 steps and more the cap changes nothing, below it a run would otherwise mostly warm up).
+    On the built-in GPT: WARMUP steps, then cosine to 10%."""
+    if not args.init_from:
+        return WARMUP, "cosine"
+    w = ADAPTERS[name].llm_warmup
+    return max(1, min(round(w * args.steps if w < 1 else w), args.steps // 10)), "linear"
 
 
 def atomic_save(obj, path):
@@ -623,7 +663,7 @@ def train(model, opt, tokens, val_batches, loop, args, ckpt_path, signature, des
                     break
                 t0 = time.perf_counter()
                 x, y = data.get_batch(tokens, step, loop.batch_size, loop.block_size, loop.seed, world, rank)
-                loss = step_fn(x, y, loop.lr * lr_factor(step, loop.steps, loop.warmup), data.step_seed(loop.seed, step, rank))
+                loss = step_fn(x, y, loop.lr * lr_factor(step, loop.steps, loop.warmup, loop.decay), data.step_seed(loop.seed, step, rank))
                 state.step, step_fn.updating = step + 1, False
                 loss_v = loss.item()  # syncs the device, so the step time below is real
                 if step > start or state.step == loop.steps:  # each process's first step is warm-up (allocator, kernels)
@@ -660,6 +700,8 @@ def finish(model, adapters, job, args, tok, base_desc, val_batches, info, state)
     metrics = {"adapter": job.name, "targets": job.targets, "kwargs": job.kwargs, "base": base_desc, **info, "steps": args.steps, "lr": job.lr,
                "val_loss_after": state.curve[-1]["val_loss"], "tokens_per_s": state.tokens / max(state.train_s, 1e-9), "curve": state.curve,
                "sample": None, "rank": None, "merge": None, "plot": None, "errors": {}, "finish_s": {}}
+    if args.task_eval:
+        metrics.update(task_file=args.task_eval, task_before=args.task_before, task=None)
     t = time.perf_counter()
     atomic_save({"adapter": job.name, "targets": job.targets, "kwargs": job.kwargs, "base": base_desc, "state": adapt.adapter_state(adapters)},
                 os.path.join(job.out, "adapter.pt"))
@@ -669,9 +711,12 @@ def finish(model, adapters, job, args, tok, base_desc, val_batches, info, state)
     metrics["finish_s"]["save"] = time.perf_counter() - t
     # the merge check's held-out sequences, about 2,048 tokens: plenty to see a 1e-4 gap (8 x 1024 took 1 s on a 1B model)
     x, y = (t[: max(1, min(8, 2048 // args.block_size))].to(args.device) for t in val_batches[0])
-    for what, fn in (("sample", lambda: sample(model, adapters, tok, args)), ("rank", lambda: diagnostics.rank_report(adapters)),
+    steps = [("task", lambda: task_accuracy(model, tok, args))] if args.task_eval else []
+    for what, fn in steps + [("sample", lambda: sample(model, adapters, tok, args)), ("rank", lambda: diagnostics.rank_report(adapters)),
                      ("merge", lambda: diagnostics.merge_check(model, adapters, x, y)),
-                     ("plot", lambda: plots.plot_adapter(model, adapters, val_batches, job.out, base_desc, metrics["rank"]))):
+                     ("plot", lambda: plots.plot_adapter(model, adapters, val_batches, job.out, base_desc, metrics["rank"]))]:
+        if what in args.skip:
+            continue
         t = time.perf_counter()
         try:
             metrics[what] = fn()
@@ -687,11 +732,14 @@ def finish(model, adapters, job, args, tok, base_desc, val_batches, info, state)
     atomic_save(metrics, os.path.join(job.out, "metrics.json"))
     log(f"val loss {metrics['val_loss_before']:.4f} -> {metrics['val_loss_after']:.4f}; {metrics['tokens_per_s']:,.0f} tokens/s; "
         f"after the last step: {', '.join(f'{k} {v:.2f} s' for k, v in metrics['finish_s'].items())}")
+    if metrics.get("task"):
+        log(f"task accuracy {metrics['task_before']['accuracy']:.1%} -> {metrics['task']['accuracy']:.1%} "
+            f"({metrics['task']['n']} problems of {args.task_eval}, {metrics['task']['seconds']:.1f} s)")
     if metrics["merge"]:
         log(diagnostics.merge_line(metrics["merge"]))
     if metrics["sample"] is not None:
         log(f"sample: {metrics['sample']!r}"[:400])
-    figure = f", {plots.FIGURE}" if metrics["plot"] else "" if "plot" in metrics["errors"] else f" (pip install matplotlib for {plots.FIGURE})"
+    figure = f", {plots.FIGURE}" if metrics["plot"] else "" if "plot" in metrics["errors"] or "plot" in args.skip else f" (pip install matplotlib for {plots.FIGURE})"
     log(f"saved {job.out}/adapter.pt, metrics.json" + (", sample.txt" if metrics["sample"] is not None else "") + figure)
     return metrics
 
@@ -732,8 +780,8 @@ def run(job, base, base_desc, tok, train_data, val_batches, val_before, args):
             f"{sum(x.numel() for x, _ in val_batches):,} tokens; adapter init {info['init_seconds']:.2f} s; init gap max |dlogits| "
             f"{info['init_gap_max_abs_logit_diff']:.3g}; val loss {val_before:.4f} before, {info['val_loss_at_init']:.4f} at init")
     opt = torch.optim.AdamW(params, lr=job.lr, weight_decay=0.0)
-    warmup = max(1, args.steps // 10) if args.init_from else WARMUP
-    loop = Loop(args.steps, job.lr, args.batch_size, args.block_size, args.seed, args.eval_interval, args.compile, warmup,
+    info["schedule"] = {"warmup": job.schedule[0], "decay": job.schedule[1]}
+    loop = Loop(args.steps, job.lr, args.batch_size, args.block_size, args.seed, args.eval_interval, args.compile, *job.schedule,
                 args.cuda_graph and args.device.startswith("cuda"))
     state = train(model, opt, train_data, val_batches, loop, args, os.path.join(job.out, "ckpt.pt"), job.signature, job.name, job.resume)
     return finish(model, adapters, job, args, tok, base_desc, val_batches, info, state) if RANK == 0 else None
