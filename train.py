@@ -259,7 +259,7 @@ def prepare(args):
     base.requires_grad_(False)
     val_batches = data.eval_batches(val_data, args.eval_iters, args.batch_size, args.block_size)
     val_before = evaluate(base, val_batches, args) if RANK == 0 else None
-    args.task_before = task_accuracy(base, tok, args) if args.task_eval and RANK == 0 else None  # the base model's (step 0)
+    args.task_before = task_accuracy(base, {}, tok, args) if args.task_eval and RANK == 0 else None  # the base model's (step 0)
     if DISTRIBUTED:
         torch.distributed.barrier()  # every process has decided whether to resume before rank 0 replaces a checkpoint
     return base, base_desc, tok, train_data, val_batches, val_before, jobs
@@ -469,9 +469,10 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def task_accuracy(model, tok, args):
-    """--task-eval: greedy exact-match accuracy on the task file's problems (task.py)."""
-    return task.accuracy(model, tok, args.task_problems, args.device, lambda: autocast(args))
+def task_accuracy(model, adapters, tok, args):
+    """--task-eval: greedy exact-match accuracy on the task file's problems (task.py), exact merges merged."""
+    with merged_where_exact(model, adapters):
+        return task.accuracy(model, tok, args.task_problems, args.device, lambda: autocast(args))
 
 
 @torch.no_grad()
@@ -711,7 +712,7 @@ def finish(model, adapters, job, args, tok, base_desc, val_batches, info, state)
     metrics["finish_s"]["save"] = time.perf_counter() - t
     # the merge check's held-out sequences, about 2,048 tokens: plenty to see a 1e-4 gap (8 x 1024 took 1 s on a 1B model)
     x, y = (t[: max(1, min(8, 2048 // args.block_size))].to(args.device) for t in val_batches[0])
-    steps = [("task", lambda: task_accuracy(model, tok, args))] if args.task_eval else []
+    steps = [("task", lambda: task_accuracy(model, adapters, tok, args))] if args.task_eval else []
     for what, fn in steps + [("sample", lambda: sample(model, adapters, tok, args)), ("rank", lambda: diagnostics.rank_report(adapters)),
                      ("merge", lambda: diagnostics.merge_check(model, adapters, x, y)),
                      ("plot", lambda: plots.plot_adapter(model, adapters, val_batches, job.out, base_desc, metrics["rank"]))]:
@@ -744,20 +745,28 @@ def finish(model, adapters, job, args, tok, base_desc, val_batches, info, state)
     return metrics
 
 
-@torch.no_grad()
-def sample(model, adapters, tok, args):
-    """A text sample; where the merge is exact, from the merged layers: the same function at the base model's speed
-    (LR-LoRA's forward rebuilds its dense f(BA) on every call: 200 tokens took 44 s on the CPU that way)."""
-    model.eval()
+@contextlib.contextmanager
+def merged_where_exact(model, adapters):
+    """The model with each adapter whose merge is exact merged into a plain Linear: the same function at the base
+    model's speed for generating (LR-LoRA's forward rebuilds its dense f(BA) on every call: 200 tokens took 44 s
+    on the CPU that way); the adapters are put back after."""
     merged = {n: a.merged() for n, a in adapters.items() if a.exact_merge}
     adapt.put(model, merged)
     try:
+        yield
+    finally:
+        adapt.put(model, {n: adapters[n] for n in merged})
+
+
+@torch.no_grad()
+def sample(model, adapters, tok, args):
+    """A text sample, exact merges merged."""
+    model.eval()
+    with merged_where_exact(model, adapters):
         prompt = torch.tensor([tok.encode(args.prompt, bos=True)], device=args.device)
         torch.manual_seed(args.seed)
         with autocast(args):
             ids = generate(model, prompt, args.sample_tokens, stop_id=tok.eos_id)[0].tolist()
-    finally:
-        adapt.put(model, {n: adapters[n] for n in merged})
     return tok.decode(ids[1:] if tok.bos_id is not None and ids[0] == tok.bos_id else ids)  # without the BOS marker
 
 
