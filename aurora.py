@@ -6,7 +6,7 @@ AuroRA puts an Adaptive Nonlinear Layer (ANL) sigma between LoRA's two projector
     h = W0 x + scale * B sigma(A x)                                  (Eq. 4, training)
     sigma(z) = F(z) + L(z)                                           (Eq. 5)
     F(z) = tanh(H tanh(z))         fixed nonlinearity, H is r x r    (Eq. 6)
-    L(z) = W_s s(z),  s(z) = sum_i Bspline(z_i) in R^8               (Eq. 7)
+    L(z) = W_s s(z),  s(z) = sum_i Bspline(z_i) in R^8               (Eq. 7; W_s is r x 8, see below)
     sigma(z) = tanh(H tanh(z)) + W_s sum_i Bspline(z_i)              (Eq. 8)
 
 Scale: scale = alpha / r with alpha = 2r, so scale = 2 at every rank: App. G sets r = 2 and
@@ -15,6 +15,13 @@ Scale: scale = alpha / r with alpha = 2r, so scale = 2 at every rank: App. G set
 
 A (r x in) is Kaiming-uniform and B (out x r) zero, so the wrapped layer equals the base layer
 at initialization. The ANL adds r^2 + 8r scalars per module (H and W_s): 20 at the paper's r = 2.
+
+We deviate from Eq. 7 in W_s's shape. Eq. 7 states w_s in R^r (one weight per channel), but its s(z) is
+in R^8 (the 8 basis values summed over the r channels), so w_s . s(z) has no consistent shape as printed.
+We take W_s in R^(r x 8), as the public efficient-KAN-style code does: each output channel gets its own mix
+of the 8 basis values. The published counts cannot tell the two apart: r x 8 adds 14 scalars per module
+at r = 2 (ViT-Large q,v: 197,568 against 196,896; LLaMA-3-8B q,k,v,up,down: 3,542,144 against
+3,539,904), and the paper prints 197K and 3.5M.
 
 Inference (App. B): the paper merges the static form dW = scale * B sigma(A), sigma applied to
 each column of A, and runs h = W0 x + B sigma(A) x (Eq. 9). For the paper's default
@@ -87,7 +94,7 @@ class AuroRALinear(nn.Module):
         if self.fixed:  # P_self of Eq. 6
             self.H = nn.Parameter(torch.empty(r, r, **kw))
             nn.init.xavier_normal_(self.H)  # not specified by the paper: Xavier-normal
-        if self.learnable:  # spline weights of Eq. 7, one row of 8 per output channel
+        if self.learnable:  # spline weights of Eq. 7, one row of 8 per output channel (Eq. 7 states R^r: docstring)
             self.W_s = nn.Parameter(torch.empty(r, NUM_BASIS, **kw))
             nn.init.uniform_(self.W_s, -0.1, 0.1)  # not specified by the paper: U(-0.1, 0.1)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -97,8 +104,8 @@ class AuroRALinear(nn.Module):
         with torch.autocast(z.device.type, enabled=False):
             # F(z) = act(H act(z)), Eq. 6 with tanh (Table 5: LeakyReLU, Sigmoid); dropped for "w/o F" (Table 4)
             F_z = self.act(F.linear(self.act(z), self.H.to(z.dtype))) if self.fixed else 0.0
-            # L(z) = W_s s(z), Eq. 7; dropped for "w/o L". not specified by the paper: s(z) sums the
-            # r channels' 8 basis values (as Eq. 7 writes it), W_s gives each output channel its own mix
+            # L(z) = W_s s(z), Eq. 7; dropped for "w/o L". s(z) sums the r channels' 8 basis values (as Eq. 7
+            # writes it). Deviation: W_s is r x 8 (each output channel its own mix), Eq. 7 states R^r (docstring)
             L_z = F.linear(bspline(z).sum(-2), self.W_s.to(z.dtype)) if self.learnable else 0.0
             return F_z + L_z  # sigma(z) = F(z) + L(z), Eqs. 5 and 8
 

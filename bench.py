@@ -111,18 +111,24 @@ class Variant:
         params = [p for p in model.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in params)
         dev = next(model.parameters()).device
-        self.opt = torch.optim.AdamW(params, lr=1e-5, fused=dev.type == "cuda") if params else None
+        self.opt = torch.optim.AdamW(params, lr=1e-5) if params else None
+        if self.opt is not None:
+            train.optimizer_on_device(self.opt, str(dev))  # as train.py runs it: capturable on CUDA, the lr a tensor
+        self.params = params
         if embedding is not None:  # the floor: make the embedding output a leaf that needs grad
             embedding.register_forward_hook(lambda m, i, out: out.detach().requires_grad_())
         self.times, self.peak, self.first_s = [], None, None
+        self.graph_times, self.graph_error = [], None
 
-    def step(self, x, y):
+    def step(self, x, y, zero_grad=True):
         logits = self.logits_of(self.model, x)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # as train.py: the loss in float32
         loss.backward()
         if self.opt is not None:
             self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
+            if zero_grad:  # a captured step keeps its gradients' memory: each replay refills it
+                self.opt.zero_grad(set_to_none=True)
+        return loss
 
 
 def timed(fn, device):
@@ -233,6 +239,27 @@ def bench_steps(variants, x, y, device, reps, warmup):
             v.times.append(timed(lambda: v.step(x, y), device))
 
 
+def bench_graphs(variants, x, y, device, reps):
+    """Each variant's step captured as one CUDA graph (train.capture, as train.py does), then its replays timed. A graph
+    keeps its activations' memory for good, so the variants take turns whole (one graph alive at a time: the 1B shape
+    holds ~50 GiB a graph), not interleaved as the eager steps are. A variant that cannot be captured keeps the error."""
+    for v in variants:
+        progress(f"the step as one CUDA graph: {v.name}, {reps} replays")
+        if v.opt is not None:
+            v.opt.zero_grad(set_to_none=True)
+        try:
+            graph = train.capture(lambda: v.step(x, y, zero_grad=False), v.params, v.opt)[0]
+        except RuntimeError as e:
+            v.graph_error = str(e).splitlines()[0][:160]
+            continue
+        graph.replay()
+        v.graph_times = [timed(graph.replay, device) for _ in range(reps)]
+        del graph
+        for p in v.params:
+            p.grad = None
+        torch.cuda.empty_cache()
+
+
 @torch.no_grad()
 def bench_inference(models, x, device, reps):
     """Median seconds of one forward pass (eval, no grad) for each model, interleaved."""
@@ -306,6 +333,7 @@ def main(argv=None):
     p.add_argument("--variants", default="floor," + ",".join(ADAPTERS) + ",aurora_static,hf_floor,peft")
     p.add_argument("--reps", type=int, help="timed steps per variant (default: the preset's)")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block of every model")
+    p.add_argument("--cuda-graph", action="store_true", help="also time each variant's step captured as one CUDA graph (as train.py runs it)")
     p.add_argument("--profile", metavar="FILE", help="write a torch.profiler table of one step per variant here")
     p.add_argument("--skip", default="", help="comma list of extras to skip: inference,svd,checkpoint")
     p.add_argument("--out", metavar="JSON", help="write the results here")
@@ -367,6 +395,11 @@ def main(argv=None):
             assert not pm.requires_grad or pm.dtype == torch.float32, (v.name, pm.dtype)
 
     bench_steps(variants, x, y, device, reps, cfg["warmup"])
+    if args.cuda_graph:
+        if device.type != "cuda":
+            raise SystemExit("error: --cuda-graph needs a CUDA device")
+        bench_graphs(variants, x, y, device, reps)
+    results["cuda_graph"] = args.cuda_graph
     by = {v.name: v for v in variants}
     med = {v.name: statistics.median(v.times) for v in variants}
     rows = {}
@@ -380,6 +413,11 @@ def main(argv=None):
                         "mem_vs_floor": ratio(v.peak, by["floor"].peak if "floor" in by else None)}
         if v.name in ("peft", "hf_floor"):
             rows[v.name]["step_vs_hf_floor"] = ratio(med[v.name], med.get("hf_floor"))
+        if args.cuda_graph:
+            gmed = {u.name: statistics.median(u.graph_times) for u in variants if u.graph_times}
+            g = gmed.get(v.name)
+            rows[v.name].update(graph_ms_step=g and 1e3 * g, graph_error=v.graph_error, graph_vs_lora=ratio(g, gmed.get(lora)),
+                                graph_vs_floor=ratio(g, gmed.get(floor)), eager_vs_graph=ratio(med[v.name], g))
     results["steps"] = rows
 
     if args.profile:
@@ -440,6 +478,15 @@ def print_table(r):
         vs_floor = s["step_vs_floor"] if n not in ("peft", "hf_floor") else s.get("step_vs_hf_floor")
         print(f"| {n} | {s['trainable_params']:,} | {s['ms_step']:.1f} | {f2(s['step_vs_lora'])} | {f2(vs_floor)} | "
               f"{gib(s['peak_mem_bytes'])} | {f2(s['mem_vs_lora'])} | {f2(s['mem_vs_floor'])} | {s['first_step_s']:.1f} s |")
+    if r.get("cuda_graph"):
+        print("\nthe same steps, each captured as one CUDA graph and replayed (median of as many replays, one variant at a time):")
+        print("| variant | graphed ms/step | vs LoRA | vs floor | eager / graphed |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        for n, s in r["steps"].items():
+            if s["graph_ms_step"] is None:
+                print(f"| {n} | capture failed: {s['graph_error']} | | | |")
+            else:
+                print(f"| {n} | {s['graph_ms_step']:.1f} | {f2(s['graph_vs_lora'])} | {f2(s['graph_vs_floor'])} | {f2(s['eager_vs_graph'])} |")
     if "inference" in r:
         print("\ninference (eval, no grad): " + "; ".join(f"{n} {s['tokens_per_s']:,.0f} tok/s ({s['vs_base']:.2f}x)"
                                                         for n, s in r["inference"].items()))

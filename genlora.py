@@ -29,8 +29,13 @@ activations, so ΔW merges exactly into W0 (App. E).
 
 groups=None is the paper's G = 16 where that leaves >= 2 entries per group of both latents, else
 the largest G that divides in_features and out_features and does (1 for an 8 -> 3 layer).
-The paper's ablations: freeze_latents=True trains only the generators (Table 7, "Frozen Z_A, Z_B");
-normalize=False drops Eq. 6, x̂_g = x_g (Table 4, "w.o. Norm").
+The paper's ablations (Table 7, LLaMA-3-8B q,k,v at r = 8): freeze_latents="A" keeps z_A at its init
+("Frozen Z_A", 0.59M), "B" keeps z_B ("Frozen Z_B", 0.79M), True keeps both and trains only the generators
+("Frozen Z_A, Z_B", 0.39M). A frozen z_B stays 0, and Eq. 6 maps every entry of a zero-variance group to
+x̂ = 0, so every generator returns one value per group: B is constant within each of the G groups of rows,
+whatever the generators learn, and so is ΔW = B A (the m/G outputs of a group all get the same update row).
+The two rows of Table 7 that freeze z_B are its lowest (61.26, and 60.63 with z_A frozen too): this may be
+why. normalize=False drops Eq. 6, x̂_g = x_g (Table 4, "w.o. Norm").
 
 The generators run in float32 (in the input's dtype if that is wider, e.g. float64), also under
 autocast; only the two x-sized matmuls run in the activations' dtype.
@@ -49,7 +54,7 @@ class GenLoRALinear(nn.Module):
     paper_groups = 16  # G of the paper's main setting (App. I.3)
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = None, dropout: float = 0.0,
-                 groups: int = None, num_centers: int = 15, freeze_latents: bool = False, normalize: bool = True):
+                 groups: int = None, num_centers: int = 15, freeze_latents=False, normalize: bool = True):
         super().__init__()
         m, n = base.out_features, base.in_features
         if not isinstance(r, int) or r < 1:
@@ -65,15 +70,19 @@ class GenLoRALinear(nn.Module):
             raise ValueError(f"num_centers={num_centers!r}: the RBF grid needs an integer >= 2 centers")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout!r}: must be in [0, 1)")
+        if freeze_latents not in (False, True, "A", "B"):
+            raise ValueError(f"freeze_latents={freeze_latents!r}: must be False, 'A', 'B' or True (both)")
         self.base = base.requires_grad_(False)  # W0 (and its bias) stay frozen
         self.alpha = r if alpha is None else alpha  # Eq. 4: ΔW = B A, scale 1 at every rank
         self.r, self.scale = r, self.alpha / r
         self.groups, self.num_centers = groups, num_centers
-        self.freeze_latents, self.normalize = bool(freeze_latents), bool(normalize)
+        self.freeze_latents = freeze_latents if freeze_latents in ("A", "B") else bool(freeze_latents)  # False, "A", "B", True
+        self.normalize = bool(normalize)
+        train_A, train_B = self.freeze_latents not in (True, "A"), self.freeze_latents not in (True, "B")
         # adapter parameters live in float32 whatever the base dtype: Adam on bf16 weights loses updates
         kw = dict(device=base.weight.device, dtype=torch.float32)
-        self.z_B = nn.Parameter(torch.zeros(m, **kw), requires_grad=not freeze_latents)  # latent of B, zero (App. I.3)
-        self.z_A = nn.Parameter(torch.empty(n, **kw), requires_grad=not freeze_latents)  # latent of A
+        self.z_B = nn.Parameter(torch.zeros(m, **kw), requires_grad=train_B)  # latent of B, zero (App. I.3)
+        self.z_A = nn.Parameter(torch.empty(n, **kw), requires_grad=train_A)  # latent of A
         # not specified by the paper: Kaiming's a=√5 and fan_in = n (z_A as a 1×n matrix), as LoRA's A
         nn.init.kaiming_uniform_(self.z_A.view(1, n), a=math.sqrt(5))
         # θ[g, :, i] = (w_b, w_1, ..., w_K) of φ_{i,g} (Eqs. 7, 9), laid out (G, 1+K, r) so that Eq. 5 is one

@@ -7,7 +7,9 @@ A frozen linear layer W0 gets a trainable low-rank update:
     h = W0 x + (alpha / r) * B A dropout(x)              (Eq. 3, scaled as in §4.1)
 
 Scale: alpha is a constant in r (§4.1: "we simply set α to the first r we try and do not tune it"),
-so scale = alpha / r falls as r grows: alpha = 16 gives 2 at r = 8 and 1 at r = 16.
+so scale = alpha / r falls as r grows: alpha = 16 gives 2 at r = 8 and 1 at r = 16. The value 16 is not
+§4.1's (that would be alpha = the first r, scale 1): 16 with r = 8 is the LLM-Adapters convention (its
+finetune.py defaults, the code GenLoRA builds on); HF PEFT's own LoraConfig default is alpha = 8.
 r may exceed min(in, out), as in HF PEFT: the defaults fit any layer, and rank(dW) <= min(r, in, out).
 
 A (r x in) starts Kaiming-uniform, B (out x r) starts at zero, so the wrapped
@@ -33,7 +35,7 @@ class LoRALinear(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout!r}: must be in [0, 1)")
         self.base = base.requires_grad_(False)  # W0 (and its bias) stay frozen
-        self.r, self.alpha, self.scale = r, alpha, alpha / r  # §4.1: alpha constant in r
+        self.r, self.alpha, self.scale = r, alpha, alpha / r  # §4.1: alpha constant in r (16: LLM-Adapters' value)
         # adapter parameters live in float32 whatever the base dtype: Adam on bf16 factors loses updates
         kw = dict(device=base.weight.device, dtype=torch.float32)
         self.A = nn.Parameter(torch.empty(r, base.in_features, **kw))

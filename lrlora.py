@@ -21,10 +21,15 @@ f is one scalar function for all out x in entries of B A, so it is tabulated onc
 step on T equally spaced points over [min BA, max BA] (T x K sinc values in float64: tiny), and
 every entry takes f by linear interpolation between its two neighbouring points. Why that is
 faithful: linear interpolation errs by at most h^2/8 max|f''|, and |d^n sinc(z)/dz^n| <= pi^n/(n+1),
-so with the spacing h <= 1/(1024 b_max) used here |f_table - f| <= pi^2/(24 * 1024^2) sum|a_k|
-= 3.9e-7 sum|a_k| (the same bound holds for each sinc term, hence for dL/da and dL/db), and f',
-interpolated from an exact f' table, errs by at most 9.2e-7 b_max sum|a_k|. Measured against the
-float64 direct sum (test_all.py): dW and all gradients within 1e-6 relative, about float32 rounding.
+so with spacing h, |f_table - f| <= pi^2/24 (h b_max)^2 sum|a_k| (the same bound holds for each
+sinc term, hence for dL/da and dL/db), and f', interpolated from an exact f' table, errs by at most
+pi^3/32 h^2 b_max^3 sum|a_k|. T sets h = (max BA - min BA) / (T - 1):
+  - on the CPU, T = ceil(1024 b_max span) + 1 (up to 2^16), so h <= 1 / (1024 b_max) and the bound is
+    pi^2/(24 * 1024^2) sum|a_k| = 3.9e-7 sum|a_k|, f' within 9.2e-7 b_max sum|a_k|;
+  - on CUDA, T = 4096 always: nothing is read back to the host, so a CUDA graph can hold the whole
+    training step. The same bound holds while b_max span <= 4095/1024 (about 4), and grows as
+    (b_max span / 4)^2 beyond; trained B A spans far less (|BA| is of the order of B's entries).
+Measured against the float64 direct sum (test_all.py): dW and all gradients within 1e-6 relative, about float32 rounding.
 Backward: dL/d(BA) = scale dL/dW * f'(BA); dL/da, dL/db scatter dL/dW into the table slots with
 the interpolation weights (the adjoint of the lookup), then one T x K product. Nothing out x in
 is kept from forward to backward. B A, the table and f stay float32 (or wider) under autocast.
@@ -40,6 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 POINTS_PER_UNIT = 1024  # table spacing h <= 1 / (1024 b_max): the error bound in the docstring
+FIXED_POINTS = 4096  # T on CUDA, where the table size must not depend on the data (no host sync): exact bound up to b_max span ~ 4
 SCATTER_COPIES = 4096  # table copies the backward's scatter spreads over on a GPU (up to 2^20 slots in all)
 EAGER_BLOCK = 2 ** 18  # entries per block of the eager element-wise passes (their temporaries: a few blocks)
 MAX_POINTS = 2 ** 16  # reached only when b_max (max BA - min BA) > 64; beyond, h grows and the bound with it
@@ -53,15 +59,19 @@ def transfer(M, a, b, g):
     return f
 
 
-def _grid(M, b):
+def _grid(M, b, fixed=None):
     """The table's points t_j = lo + j h, j < T, over [min M, max M]: lo and h (0-d tensors on M's device) and T.
 
-    T = ceil(1024 b_max (max M - min M)) + 1, so h <= 1 / (1024 b_max): the error bound in the module docstring.
+    fixed (default: on CUDA) takes T = FIXED_POINTS with no host sync, else T = ceil(1024 b_max (max M - min M)) + 1
+    (read to the host: T is a size), so h <= 1 / (1024 b_max). The module docstring gives the bound for each.
     """
     lo, hi = torch.aminmax(M)
-    span, b_max = torch.stack([hi - lo, b.max().to(M.dtype)]).tolist()  # the one host sync per layer and step: T is a size
-    T = min(MAX_POINTS, max(2, math.ceil(POINTS_PER_UNIT * b_max * span) + 1))
-    return lo, (hi - lo).clamp_min(torch.finfo(M.dtype).tiny) / (T - 1), T  # B A constant (B = 0): any h > 0 will do
+    if M.is_cuda if fixed is None else fixed:
+        T = FIXED_POINTS
+    else:
+        span, b_max = torch.stack([hi - lo, b.max().to(M.dtype)]).tolist()
+        T = min(MAX_POINTS, max(2, math.ceil(POINTS_PER_UNIT * b_max * span) + 1))
+    return lo, ((hi - lo) / (T - 1)).clamp_min(torch.finfo(M.dtype).tiny), T  # B A constant (B = 0): any h > 0 will do
 
 
 def sinc_table(lo, h, T, a, b, g):
@@ -216,16 +226,18 @@ class LRLoRALinear(nn.Module):
         self.A = nn.Parameter(torch.empty(r, base.in_features, **kw))
         self.B = nn.Parameter(torch.zeros(base.out_features, r, **kw))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # "chosen as in LoRA" (§3.3)
-        # fixed grid g_k (§3.3). Not specified by the paper: where exactly. On a grid with mirror pairs (g, -g) Adam keeps
-        # a mirror-symmetric from a = 0, f'(0) = sum_k a_k b_k sinc'(-b_k g_k) stays exactly 0 and B = 0 never moves;
-        # the points -R + (k + 1/4) 2R/K, all inside [-R, R], have no mirror pairs (App. E assumes the symmetry breaks)
+        # fixed grid g_k (§3.3). Not specified by the paper: where exactly. On a grid with mirror pairs (g, -g), in exact
+        # arithmetic Adam keeps a mirror-symmetric from a = 0, so f'(0) = sum_k a_k b_k sinc'(-b_k g_k) = 0 and B = 0 gets
+        # no gradient; in float32 rounding breaks the symmetry and Adam amplifies it, so B does move, but only from noise.
+        # The points -R + (k + 1/4) 2R/K, all inside [-R, R], have no mirror pairs: B's gradient is of normal size from
+        # the second step, without relying on rounding (App. E assumes the symmetry breaks)
         self.register_buffer("g", -grid_range + (2 * grid_range / grid_size) * (torch.arange(grid_size, **kw) + 0.25))
         self.a = nn.Parameter(torch.zeros(grid_size, **kw))  # amplitudes a_k = 0: f = 0 at init (§3.3)
         # softplus(beta_k) = 1 (§3.3); learn_bandwidth=False keeps b_k = 1 (Table 3, "fixed bandwidth")
         self.beta = nn.Parameter(torch.full((grid_size,), math.log(math.e - 1), **kw), requires_grad=learn_bandwidth)
         self.dropout = nn.Dropout(dropout)
 
-    @torch.compiler.disable  # a host sync sizes the table: an outer torch.compile runs this layer as it is
+    @torch.compiler.disable  # its passes are compiled kernels of their own (CUDA), or sized by a host sync (CPU): run as it is
     def forward(self, x):
         b = F.softplus(self.beta)  # b_k > 0 (§3.3)
         dev = x.device.type

@@ -15,6 +15,7 @@ GPT) -> finish (save first, then sample, rank diagnostics, merge check) -> compa
 import argparse
 import contextlib
 import copy
+import difflib
 import hashlib
 import importlib
 import inspect
@@ -96,7 +97,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--adapter", default="genlora", help=f"one of {', '.join(ADAPTERS)}; a comma list or 'all' trains each and compares them (default: %(default)s)")
+    p.add_argument("--adapter", default="genlora", help=f"one of {', '.join(ADAPTERS)} (any case: GenLoRA, LR-LoRA); a comma list or 'all' trains each and compares them (default: %(default)s)")
     p.add_argument("--data", nargs="+", help="text files, folders or globs to fine-tune on (default: Python's pydoc topics)")
     p.add_argument("--init-from", help="a LLaMA checkpoint directory, HF or Meta layout (default: the built-in GPT)")
     p.add_argument("--targets", help=f"comma-separated subset of {','.join(adapt.TARGETS)} (default: the adapter's paper)")
@@ -106,7 +107,7 @@ def parse_args(argv=None):
     m = p.add_argument_group("method-specific (default: the adapter's)")
     m.add_argument("--groups", type=int, help="GenLoRA: groups per latent")
     m.add_argument("--num-centers", type=int, help="GenLoRA: RBF centers per generator")
-    m.add_argument("--freeze-latents", action="store_const", const=True, help="GenLoRA variant (Table 7): train the generators only")
+    m.add_argument("--freeze-latents", nargs="?", const="both", choices=["A", "B", "both"], help="GenLoRA variant (Table 7): keep z_A, z_B or both (no value: both) at their init")
     m.add_argument("--no-normalize", dest="normalize", action="store_const", const=False, help="GenLoRA variant (Table 4): drop Eq. 6")
     m.add_argument("--grid-size", type=int, help="LR-LoRA: sinc basis functions")
     m.add_argument("--grid-range", type=float, help="LR-LoRA: the sinc grid spans [-range, range]")
@@ -124,12 +125,16 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, help="global batch, split across torchrun processes (default: 32 on the built-in GPT, 8 on LLaMA)")
     p.add_argument("--block-size", type=int, help="tokens per sequence (default: 128 on the built-in GPT, its fixed context; 256 on LLaMA)")
     p.add_argument("--lr", type=float, help="peak learning rate, 0 allowed (default: the adapter's in train.ADAPTERS, lr or with --init-from llm_lr)")
-    p.add_argument("--eval-interval", type=int, help="evaluate and checkpoint every N steps (default: steps/20, at least 1)")
+    p.add_argument("--eval-interval", type=int, help="evaluate and checkpoint every N steps (default: steps/20, at least 15)")
     p.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation (default: %(default)s)")
     p.add_argument("--base-steps", type=int, default=600, help="pretraining steps of the built-in GPT, done once and cached (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto, a GPU if there is one)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="autocast dtype (default: auto, bfloat16 on a GPU that has it, else float32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                   help="on CUDA with one process each training step is one captured CUDA graph, replayed (a small model "
+                        "otherwise waits on Python to launch its kernels); this runs the same step eagerly, e.g. to debug or "
+                        "profile it, or for a model whose step cannot be captured")
     p.add_argument("--seed", type=int, default=1337, help="seed of the adapter init and of the batches (default: %(default)s)")
     p.add_argument("--out-dir", default="out", help="results go to OUT_DIR/<adapter>/ (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in OUT_DIR/<adapter>/ (without it, the run refuses)")
@@ -147,10 +152,10 @@ def parse_args(argv=None):
     saved.add_argument("--export", nargs=2, metavar=("ADAPTER_PT", "OUT_DIR"), help="merge a saved adapter.pt into its --init-from base as a HF directory, and exit")
     p.add_argument("--allow-approximate", action="store_true", help="--export an adapter whose merge only approximates it (AuroRA dynamic)")
     args = p.parse_args(argv)
-    args.names = list(ADAPTERS) if args.adapter == "all" else [n.strip() for n in args.adapter.split(",") if n.strip()]
-    for n in args.names or [args.adapter]:
-        if n not in ADAPTERS:
-            raise UserError(f"--adapter {n}: unknown adapter (choose from {', '.join(ADAPTERS)}, or all)")
+    args.names = [adapter_key(n) for n in args.adapter.split(",") if n.strip()] or [adapter_key(args.adapter)]
+    if "all" in args.names and len(args.names) > 1:
+        raise UserError(f"--adapter {args.adapter}: 'all' already trains every adapter; give it alone, or a list of names")
+    args.names = list(ADAPTERS) if args.names == ["all"] else list(dict.fromkeys(args.names))  # lora,LoRA: one run
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     kind, _, index = args.device.partition(":")
@@ -161,14 +166,21 @@ def parse_args(argv=None):
                         f"MPS {'yes' if torch.backends.mps.is_available() else 'no'})")
     if args.dtype == "auto":
         args.dtype = "bfloat16" if args.device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
-    args.block_size = args.block_size or (256 if args.init_from else 128)
-    args.batch_size = args.batch_size or (8 if args.init_from else 32)
+    for k in ("steps", "batch_size", "block_size", "eval_interval", "eval_iters", "base_steps", "sample_tokens", "r", "groups", "num_centers",
+              "grid_size"):  # counts: checked as given, before a default replaces a None (an `x or default` would swallow 0)
+        if getattr(args, k) is not None and getattr(args, k) < 1:
+            raise UserError(f"--{'rank' if k == 'r' else k.replace('_', '-')} {getattr(args, k)}: must be at least 1")
+    if args.block_size is None:
+        args.block_size = 256 if args.init_from else 128
+    if args.batch_size is None:
+        args.batch_size = 8 if args.init_from else 32
     if args.init_from and args.dropout is None:
         args.dropout = LLM_DROPOUT
-    args.eval_interval = args.eval_interval or max(1, args.steps // 20)
-    for k in ("steps", "batch_size", "block_size", "eval_interval", "eval_iters", "base_steps", "sample_tokens"):
-        if getattr(args, k) < 1:
-            raise UserError(f"--{k.replace('_', '-')} {getattr(args, k)}: must be at least 1")
+    if args.freeze_latents == "both":  # GenLoRALinear(freeze_latents=True)
+        args.freeze_latents = True
+    # about 20 evaluations a run, never closer than 15 steps (the default run's interval): each one (--eval-iters batches
+    # and a checkpoint) costs 3-4 training steps, so evaluating stays under ~25% of a run's time, short runs included
+    args.eval_interval = max(15, args.steps // 20) if args.eval_interval is None else args.eval_interval
     if set(args.skip) - set(FINISH_STEPS):
         raise UserError(f"--skip {','.join(args.skip)}: choose from {', '.join(FINISH_STEPS)}")
     if args.lr is not None and not args.lr >= 0:
@@ -176,6 +188,17 @@ def parse_args(argv=None):
     if args.batch_size % WORLD:
         raise UserError(f"--batch-size {args.batch_size}: must divide evenly across {WORLD} processes")
     return args
+
+
+def adapter_key(name):
+    """--adapter's name as a key of ADAPTERS (or 'all'): any case, '-' and '_' ignored (GenLoRA, LR-LoRA, lr_lora); a typo
+    is an error that suggests the closest name."""
+    key = name.strip().lower().replace("-", "").replace("_", "")
+    if key in ADAPTERS or key == "all":
+        return key
+    close = difflib.get_close_matches(key, [*ADAPTERS, "all"], n=1)
+    raise UserError(f"--adapter {name.strip()}: unknown adapter{f' (did you mean {close[0]}?)' if close else ''}; "
+                    f"choose from {', '.join(ADAPTERS)}, or all")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,7 +259,7 @@ def prepare(args):
     base.requires_grad_(False)
     val_batches = data.eval_batches(val_data, args.eval_iters, args.batch_size, args.block_size)
     val_before = evaluate(base, val_batches, args) if RANK == 0 else None
-    args.task_before = task_accuracy(base, tok, args) if args.task_eval and RANK == 0 else None  # the base model's (step 0)
+    args.task_before = task_accuracy(base, {}, tok, args) if args.task_eval and RANK == 0 else None  # the base model's (step 0)
     if DISTRIBUTED:
         torch.distributed.barrier()  # every process has decided whether to resume before rank 0 replaces a checkpoint
     return base, base_desc, tok, train_data, val_batches, val_before, jobs
@@ -302,14 +325,38 @@ def pretrain_gpt(args):
     model = GPT(cfg).to(args.device)
     train_data, val_data = data.split_tokens(list(data.stdlib_code().encode("utf-8")), cfg.block_size, "stdlib corpus")
     val = data.eval_batches(val_data, 5, 32, cfg.block_size)
-    loop = Loop(steps=args.base_steps, lr=2e-3, batch_size=32, block_size=cfg.block_size, seed=1337, eval_interval=100)
+    loop = Loop(steps=args.base_steps, lr=2e-3, batch_size=32, block_size=cfg.block_size, seed=1337, eval_interval=100,
+                cuda_graph=args.cuda_graph and args.device.startswith("cuda"))
     opt = torch.optim.AdamW(model.parameters(), lr=loop.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    seconds = args.base_steps * seconds_per_step(model, train_data, loop, args)
     log(f"pretraining the built-in GPT ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) once on the stdlib's code: "
-        f"{args.base_steps} steps, about {args.base_steps * 0.15 / 60:.1f} min on a 2-core CPU; Ctrl-C keeps its progress; cached at {args.base_path}")
+        f"{args.base_steps} steps, about {f'{seconds / 60:.1f} min' if seconds >= 90 else f'{seconds:.1f} s'} here (3 steps timed); "
+        f"Ctrl-C keeps its progress; cached at {args.base_path}")
     ckpt = args.base_path + ".ckpt"
     train(model, opt, train_data, val, loop, args, ckpt, {"base": args.base_path}, "pretrain", os.path.exists(ckpt), world=1, rank=0)
     atomic_save({"config": asdict(cfg), "model": model.state_dict()}, args.base_path)
     os.remove(args.base_path + ".ckpt")
+
+
+def seconds_per_step(model, tokens, loop, args, n=3):
+    """A training step's time on this machine: n steps of a throwaway copy of model (the run's weights untouched),
+    after one untimed warm-up step."""
+    model = copy.deepcopy(model).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0)
+    ix = torch.linspace(0, len(tokens) - loop.block_size - 2, loop.batch_size).long()  # one batch, not the run's: no get_batch
+    for step in range(n + 1):
+        if step == 1:
+            sync(args.device)
+            t0 = time.perf_counter()
+        x, y = data.windows(tokens, ix, loop.block_size)
+        with autocast(args):
+            logits = model(x.to(args.device))
+        F.cross_entropy(logits.float().flatten(0, 1), y.to(args.device).flatten()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sync(args.device)
+    return (time.perf_counter() - t0) / n
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,6 +446,7 @@ class Loop:
     compile: bool = False
     warmup: int = WARMUP
     decay: str = "cosine"  # after the warm-up: "cosine" to 10% of the peak, or "linear" to 0 (see lr_factor)
+    cuda_graph: bool = False  # capture the step once, replay it (CUDA, one process)
 
 
 @dataclass
@@ -421,9 +469,10 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def task_accuracy(model, tok, args):
-    """--task-eval: greedy exact-match accuracy on the task file's problems (task.py)."""
-    return task.accuracy(model, tok, args.task_problems, args.device, lambda: autocast(args))
+def task_accuracy(model, adapters, tok, args):
+    """--task-eval: greedy exact-match accuracy on the task file's problems (task.py), exact merges merged."""
+    with merged_where_exact(model, adapters):
+        return task.accuracy(model, tok, args.task_problems, args.device, lambda: autocast(args))
 
 
 @torch.no_grad()
@@ -491,6 +540,92 @@ def stop_on_signal():
             signal.signal(s, h)
 
 
+def optimizer_on_device(opt, device):
+    """AdamW as the step reads it: the lr a float64 tensor (the arithmetic of a Python float), set in place before every
+    step, so that a captured graph sees each new value; on CUDA capturable, its step counts on the device too."""
+    cuda = device.startswith("cuda")
+    for g in opt.param_groups:
+        g["lr"], g["capturable"] = torch.tensor(float(g["lr"]), dtype=torch.float64, device=device), cuda
+    for st in opt.state.values():  # a resumed checkpoint's, saved on this or another device
+        if "step" in st:
+            st["step"] = st["step"].to(device=device if cuda else "cpu", dtype=torch.float32)
+
+
+def run_undone(step, params, opt=None):
+    """Run step() once and undo what it did to the trainable weights and the optimizer's state: a CUDA graph's warm-up
+    (AdamW's lazy state, cuBLAS handles, compiled kernels), which must not change the run."""
+    tensors = lambda: params + [t for s in (opt.state.values() if opt else []) for t in s.values() if torch.is_tensor(t)]
+    saved = {t: t.detach().clone() for t in tensors()}
+    step()
+    with torch.no_grad():
+        for t in tensors():
+            t.copy_(saved[t]) if t in saved else t.zero_()  # state the warm-up created: AdamW's starts at zeros
+    for p in params:
+        p.grad = None  # so the captured backward allocates the gradients, in the graph's memory
+
+
+def capture(step, params, opt=None):
+    """step() recorded into a CUDA graph, after one undone warm-up step on a side stream (as capture requires):
+    (graph, what step returned, in the graph's memory, refilled by every replay)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run_undone(step, params, opt)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
+
+
+class Step:
+    """One training step: forward, float32 loss, backward, gradient clip, AdamW, on the batch in the buffers x, y.
+    Everything a step varies is a tensor it reads: the batch (copied in), the lr (AdamW's lr tensor) and dropout's
+    generator (seeded per step from (seed, step)). So the same step runs eagerly or, with cuda_graph, is captured once
+    and replayed: one launch instead of thousands."""
+
+    def __init__(self, fwd, opt, params, args, batch_shape, cuda_graph):
+        self.fwd, self.opt, self.params, self.args = fwd, opt, params, args
+        self.x = torch.zeros(batch_shape, dtype=torch.long, device=args.device)
+        self.y = torch.zeros_like(self.x)
+        self.cuda_graph, self.graph, self.updating = cuda_graph, None, False
+
+    def loss_and_grads(self):
+        with autocast(self.args):
+            logits = self.fwd(self.x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), self.y.flatten())
+        loss.backward()
+        return loss
+
+    def update(self):
+        torch.nn.utils.clip_grad_norm_(self.params, GRAD_CLIP)
+        self.opt.step()
+
+    def __call__(self, x, y, lr, seed):
+        """The loss of one step on (x, y) at this lr, dropout seeded with seed; the weights updated."""
+        self.x.copy_(x)
+        self.y.copy_(y)
+        for g in self.opt.param_groups:
+            g["lr"].fill_(lr)
+        if self.cuda_graph and self.graph is None:
+            try:
+                self.graph, self.loss = capture(lambda: (self.loss_and_grads(), self.update())[0], self.params, self.opt)
+            except RuntimeError as e:  # e.g. a model that reads a value to the host mid-step: the same step, eagerly
+                log(f"note: the training step could not be captured as a CUDA graph ({str(e).splitlines()[0][:160]}); running it eagerly")
+                self.cuda_graph = False
+                self.opt.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)  # dropout's masks: a function of (seed, step), replayed or not (the graph reads this state)
+        if self.graph is not None:
+            self.updating = True  # the weights and the step count change together
+            self.graph.replay()
+            return self.loss
+        loss = self.loss_and_grads()
+        self.updating = True
+        self.update()
+        self.opt.zero_grad(set_to_none=True)
+        return loss
+
+
 def train(model, opt, tokens, val_batches, loop, args, ckpt_path, signature, desc, resume, world=WORLD, rank=RANK):
     """Train what requires grad in model for loop.steps; with resume, continue the run saved in ckpt_path."""
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -509,14 +644,16 @@ def train(model, opt, tokens, val_batches, loop, args, ckpt_path, signature, des
             atomic_save({"signature": signature, "state": asdict(state), "weights": {n: p.detach().cpu() for n, p in live.items()},
                          "opt": opt.state_dict()}, ckpt_path)
 
+    optimizer_on_device(opt, args.device)
     fwd = model
     if world > 1:  # gradients of the trainable parameters only: frozen weights are not registered for sync
         fwd = nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if "cuda" in args.device else None)
     if loop.compile:
         fwd = torch.compile(fwd)
     model.train()
+    step_fn = Step(fwd, opt, params, args, (loop.batch_size // world, loop.block_size), loop.cuda_graph and world == 1)
     bar = tqdm(range(state.step, loop.steps), initial=state.step, total=loop.steps, desc=desc, disable=rank != 0, dynamic_ncols=True)
-    start, updating = state.step, False
+    start = state.step
     with stop_on_signal() as stop:
         try:
             for step in bar:
@@ -526,19 +663,9 @@ def train(model, opt, tokens, val_batches, loop, args, ckpt_path, signature, des
                 if flag.item():
                     break
                 t0 = time.perf_counter()
-                for g in opt.param_groups:
-                    g["lr"] = loop.lr * lr_factor(step, loop.steps, loop.warmup, loop.decay)
-                torch.manual_seed(data.step_seed(loop.seed, step, rank))  # dropout, if any: also a function of the step
                 x, y = data.get_batch(tokens, step, loop.batch_size, loop.block_size, loop.seed, world, rank)
-                with autocast(args):
-                    logits = fwd(x.to(args.device))
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(args.device).flatten())
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
-                updating = True  # the weights and the step count change together
-                opt.step()
-                state.step, updating = step + 1, False
-                opt.zero_grad(set_to_none=True)
+                loss = step_fn(x, y, loop.lr * lr_factor(step, loop.steps, loop.warmup, loop.decay), data.step_seed(loop.seed, step, rank))
+                state.step, step_fn.updating = step + 1, False
                 loss_v = loss.item()  # syncs the device, so the step time below is real
                 if step > start or state.step == loop.steps:  # each process's first step is warm-up (allocator, kernels)
                     state.train_s += time.perf_counter() - t0
@@ -553,7 +680,7 @@ def train(model, opt, tokens, val_batches, loop, args, ckpt_path, signature, des
                         bar.write(f"{desc} step {state.step}: train loss {loss_v:.4f}, val loss {val:.4f}")
                     save()
         except KeyboardInterrupt:  # a second Ctrl-C: stop now; the state is whole unless it came inside opt.step()
-            if not updating:
+            if not step_fn.updating:
                 save()
             raise Interrupted(f"stopped during step {state.step + 1}: run the same command again to resume from step {state.step} ({ckpt_path})")
     bar.close()
@@ -585,7 +712,7 @@ def finish(model, adapters, job, args, tok, base_desc, val_batches, info, state)
     metrics["finish_s"]["save"] = time.perf_counter() - t
     # the merge check's held-out sequences, about 2,048 tokens: plenty to see a 1e-4 gap (8 x 1024 took 1 s on a 1B model)
     x, y = (t[: max(1, min(8, 2048 // args.block_size))].to(args.device) for t in val_batches[0])
-    steps = [("task", lambda: task_accuracy(model, tok, args))] if args.task_eval else []
+    steps = [("task", lambda: task_accuracy(model, adapters, tok, args))] if args.task_eval else []
     for what, fn in steps + [("sample", lambda: sample(model, adapters, tok, args)), ("rank", lambda: diagnostics.rank_report(adapters)),
                      ("merge", lambda: diagnostics.merge_check(model, adapters, x, y)),
                      ("plot", lambda: plots.plot_adapter(model, adapters, val_batches, job.out, base_desc, metrics["rank"]))]:
@@ -618,20 +745,28 @@ def finish(model, adapters, job, args, tok, base_desc, val_batches, info, state)
     return metrics
 
 
-@torch.no_grad()
-def sample(model, adapters, tok, args):
-    """A text sample; where the merge is exact, from the merged layers: the same function at the base model's speed
-    (LR-LoRA's forward rebuilds its dense f(BA) on every call: 200 tokens took 44 s on the CPU that way)."""
-    model.eval()
+@contextlib.contextmanager
+def merged_where_exact(model, adapters):
+    """The model with each adapter whose merge is exact merged into a plain Linear: the same function at the base
+    model's speed for generating (LR-LoRA's forward rebuilds its dense f(BA) on every call: 200 tokens took 44 s
+    on the CPU that way); the adapters are put back after."""
     merged = {n: a.merged() for n, a in adapters.items() if a.exact_merge}
     adapt.put(model, merged)
     try:
+        yield
+    finally:
+        adapt.put(model, {n: adapters[n] for n in merged})
+
+
+@torch.no_grad()
+def sample(model, adapters, tok, args):
+    """A text sample, exact merges merged."""
+    model.eval()
+    with merged_where_exact(model, adapters):
         prompt = torch.tensor([tok.encode(args.prompt, bos=True)], device=args.device)
         torch.manual_seed(args.seed)
         with autocast(args):
             ids = generate(model, prompt, args.sample_tokens, stop_id=tok.eos_id)[0].tolist()
-    finally:
-        adapt.put(model, {n: adapters[n] for n in merged})
     return tok.decode(ids[1:] if tok.bos_id is not None and ids[0] == tok.bos_id else ids)  # without the BOS marker
 
 
@@ -655,7 +790,8 @@ def run(job, base, base_desc, tok, train_data, val_batches, val_before, args):
             f"{info['init_gap_max_abs_logit_diff']:.3g}; val loss {val_before:.4f} before, {info['val_loss_at_init']:.4f} at init")
     opt = torch.optim.AdamW(params, lr=job.lr, weight_decay=0.0)
     info["schedule"] = {"warmup": job.schedule[0], "decay": job.schedule[1]}
-    loop = Loop(args.steps, job.lr, args.batch_size, args.block_size, args.seed, args.eval_interval, args.compile, *job.schedule)
+    loop = Loop(args.steps, job.lr, args.batch_size, args.block_size, args.seed, args.eval_interval, args.compile, *job.schedule,
+                args.cuda_graph and args.device.startswith("cuda"))
     state = train(model, opt, train_data, val_batches, loop, args, os.path.join(job.out, "ckpt.pt"), job.signature, job.name, job.resume)
     return finish(model, adapters, job, args, tok, base_desc, val_batches, info, state) if RANK == 0 else None
 

@@ -58,21 +58,25 @@ def main(argv=None):
         sys.exit(f"error: {e} (convert SmolLM2 first: python tools/smollm2_to_hf.py, or pass --tokenizer DIR or bytes)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    lines, n_tokens, block = [], 0, 10_000
+    evals = problems(EVAL_SEED, args.eval)
+    held_out = {x["question"] for x in evals}  # an eval expression drawn again for training is left out of the text:
+    lines, n_tokens, block, dropped = [], 0, 10_000, 0  # the accuracy measures sums not seen, not recall (24% otherwise)
     while n_tokens < args.tokens:
-        chunk = "".join(task.line(**x) for x in problems(TRAIN_SEED + len(lines), block))
-        lines.append(chunk)
-        n_tokens += len(tok.encode(chunk))
+        batch = problems(TRAIN_SEED + len(lines) * block, block)
+        kept = [x for x in batch if x["question"] not in held_out]
+        dropped += len(batch) - len(kept)
+        lines.append("".join(task.line(**x) for x in kept))
+        n_tokens += len(tok.encode(lines[-1]))
     text = "".join(lines)
     n_train = len(lines) * block
-    evals = problems(EVAL_SEED, args.eval)
     seen = {ln.partition(" = ")[0] for ln in text.splitlines()}
     # asked as task.prompt, a problem must tokenize as the start of its line in the training text does
     split = sum(tok.encode("\n" + task.line(**x))[: len(q)] != q for x in evals for q in [tok.encode(task.prompt(x["question"]))])
     if split:
         print(f"warning: {split} eval prompts tokenize differently from their lines in the training text", file=sys.stderr)
     spec = {"dataset": DATASET, "config": CONFIG, "library": f"reasoning-gym {version()}", "seeds": [EVAL_SEED, EVAL_SEED + args.eval],
-            "training_text": {"file": f"{DATASET}.txt", "seeds": [TRAIN_SEED, TRAIN_SEED + n_train], "problems": n_train, "tokens": n_tokens,
+            "training_text": {"file": f"{DATASET}.txt", "seeds": [TRAIN_SEED, TRAIN_SEED + n_train], "problems": n_train - dropped,
+                              "left_out_as_eval_problems": dropped, "tokens": n_tokens,
                               "sha256": hashlib.sha256(text.encode()).hexdigest()},
             "in_training_text": sum(x["question"] in seen for x in evals) / len(evals),  # same expression, another seed
             "format": "task.py: the training text holds `<question> = <answer>` lines; a problem is asked as '\\n<question> =' "
@@ -82,8 +86,8 @@ def main(argv=None):
     (out / f"{DATASET}_eval.json").write_text(json.dumps(spec, indent=1), encoding="utf-8")
     for f in (f"{DATASET}.txt", f"{DATASET}_eval.json"):
         print(f"{out / f}: {os.path.getsize(out / f) / 1e6:.2f} MB")
-    print(f"{n_train:,} training problems, {n_tokens:,} tokens; {len(evals)} eval problems, "
-          f"{spec['in_training_text']:.0%} of them also in the training text (the small ones)")
+    print(f"{n_train - dropped:,} training problems ({dropped:,} left out: an eval problem's expression), {n_tokens:,} tokens; "
+          f"{len(evals)} eval problems, {spec['in_training_text']:.0%} of them in the training text")
 
 
 def version():

@@ -1,6 +1,6 @@
 #!/bin/bash
-# The README's "fine-tune a real model" table, as run on one H100: every adapter at its paper
-# defaults on SmolLM2-135M (train.py's --init-from setup: each adapter's llm_lr, dropout 0.05, warm-up 10%),
+# The SmolLM2-135M table of docs/results.md, as run on one H100: every adapter at train.py's --init-from
+# defaults (its class's rank, its paper's targets, its llm_lr, dropout 0.05, warm-up 10%, cosine decay),
 # the same data (pydoc topics), steps and seed.
 #   SMOLLM2_DIR=<converted HF dir> bash tools/smollm2_gpu_table.sh [extra train.py flags]
 # (tools/smollm2_to_hf.py makes the directory.) Writes $OUT/smollm2_compare.json and $OUT/smollm2.log.
