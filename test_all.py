@@ -3853,3 +3853,22 @@ def test_study_table_best_lr_mean_std_and_the_lora_at_the_same_budget():
     md = "\n".join(study.table(records, s, lrs, ["# t"]))
     assert "| genlora | 2.0000 | **1.9000** | div | 0.003 |" in md and "| lora@r=1 | **2.1000** | 2.2000 | … | 0.001 |" in md
     assert "1.8000 ± 0.1000" in md and "60.0 ± 17.3%" in md and "lora@r=1: -0.3000, +10.0 pt" in md
+
+
+def test_make_task_writes_consecutive_seeds_without_the_eval_expressions(tmp_path):
+    """tools/make_task.py: the training text is reasoning-gym's problems of seeds 0, 1, 2, ... in order (each seed
+    once: blocks that restarted near seed 0 made near copies), less those whose expression an eval problem has; the eval
+    problems come from EVAL_SEED on; every line is task.line and every eval problem a {question, answer} task.py reads."""
+    import reasoning_gym
+    import make_task
+
+    make_task.main(["--out", str(tmp_path), "--tokenizer", "bytes", "--tokens", "170000", "--eval", "20"])  # 2 blocks of 10,000
+    spec = task.load(tmp_path / "chain_sum_eval.json")
+    ds = reasoning_gym.create_dataset("chain_sum", size=20_020, seed=0, **make_task.CONFIG)
+    want_eval = [{"question": x["metadata"]["expression"], "answer": x["answer"]}
+                 for x in reasoning_gym.create_dataset("chain_sum", size=20, seed=make_task.EVAL_SEED, **make_task.CONFIG)]
+    assert spec["problems"] == want_eval
+    held_out = {p["question"] for p in want_eval}
+    want = "".join(task.line(x["metadata"]["expression"], x["answer"]) for x in list(ds)[:20_000] if x["metadata"]["expression"] not in held_out)
+    assert (tmp_path / "chain_sum.txt").read_text() == want
+    assert spec["training_text"]["problems"] == want.count("\n") < 20_000 and spec["in_training_text"] == 0
