@@ -43,5 +43,7 @@ timeout -k 60 "$LIMIT" python3 tools/study.py --adapters "$ADAPTERS" --lrs "$LRS
 rc=$?
 kill $smi 2>/dev/null
 find "$STUDY_DIR" -name ckpt.pt -delete
-echo "study exit status $rc; $(find "$STUDY_DIR" -name metrics.json | wc -l) runs done; $(du -sh "$STUDY_DIR" | cut -f1) in $STUDY_DIR"
+done=$(python3 -c "import json, sys; r = json.load(open(sys.argv[1]))['records']; print(sum(x['status'] == 'done' for x in r), 'of', len(r))" \
+       "$STUDY_DIR/study.json" 2>/dev/null)
+echo "study exit status $rc (124: stopped at LIMIT, run the same command again to continue); runs done: ${done:-?}; $(du -sh "$STUDY_DIR" | cut -f1) in $STUDY_DIR"
 exit $rc
