@@ -6,14 +6,18 @@
 #
 #   SMOLLM2_DIR=<converted HF dir> bash tools/study_gpu.sh      # converts it first where it is missing
 #
-# Knobs (environment): TASK (out/task), STUDY_DIR (${OUT:-out}/study), STEPS (1000), PER_GPU (3 runs at a time on each
-# GPU), LIMIT (510 s: then the study stops, each run at a step boundary, and the table so far is printed; the same
-# command continues it, from STUDY_DIR carried back), LRS, SEEDS, BEST_SEEDS, ADAPTERS, EVAL_INTERVAL, EVAL_ITERS.
-# Runs that were stopped lose their checkpoints here (Adam state is too big to carry back): they start over next time.
+# Knobs (environment): TASK (out/task), STUDY_DIR (out/study), RESULTS (${OUT:-out}: where study.md, study.json,
+# study.png, device.txt, gpu_util.csv and the whole study as study.tar.gz are copied at the end, 6 files), STEPS (1000),
+# PER_GPU (3 runs at a time on each GPU), LIMIT (510 s: then the study stops, each run at a step boundary, and the
+# table so far is printed), LRS, SEEDS, BEST_SEEDS, ADAPTERS, EVAL_INTERVAL, EVAL_ITERS.
+# To continue a study that LIMIT stopped: put its study.tar.gz at out/study.tar.gz, carry it with out/task, run the
+# same command (same SMOLLM2_DIR and TASK: the study refuses other train.py flags); finished runs are not repeated.
+# Runs that were stopped lose their checkpoints (Adam state is too big to carry back): they start over next time.
 set -uo pipefail
 : "${SMOLLM2_DIR:?set SMOLLM2_DIR to the converted SmolLM2-135M directory (tools/smollm2_to_hf.py)}"
 TASK=${TASK:-out/task}
-STUDY_DIR=${STUDY_DIR:-${OUT:-out}/study}
+STUDY_DIR=${STUDY_DIR:-out/study}
+RESULTS=${RESULTS:-${OUT:-out}}
 STEPS=${STEPS:-1000}
 PER_GPU=${PER_GPU:-3}
 LIMIT=${LIMIT:-510}
@@ -28,7 +32,10 @@ for f in "$TASK/chain_sum.txt" "$TASK/chain_sum_eval.json"; do
     [ -f "$f" ] || { echo "error: $f missing: run python tools/make_task.py where reasoning-gym is installed and carry $TASK" >&2; exit 2; }
 done
 [ -f "$SMOLLM2_DIR/model.safetensors" ] || python3 tools/smollm2_to_hf.py "$SMOLLM2_DIR" || exit 2
-mkdir -p "$STUDY_DIR"
+if [ ! -d "$STUDY_DIR" ] && [ -f out/study.tar.gz ]; then  # a study carried back to continue
+    mkdir -p "$(dirname "$STUDY_DIR")" && tar xzf out/study.tar.gz -C "$(dirname "$STUDY_DIR")" || exit 2
+fi
+mkdir -p "$STUDY_DIR" "$RESULTS"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; date -u; git log -1 --format='commit %h %s' 2>/dev/null
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"; } | tee -a "$STUDY_DIR/device.txt"
 export PYTHONUNBUFFERED=1
@@ -43,6 +50,11 @@ timeout -k 60 "$LIMIT" python3 tools/study.py --adapters "$ADAPTERS" --lrs "$LRS
 rc=$?
 kill $smi 2>/dev/null
 find "$STUDY_DIR" -name ckpt.pt -delete
+# the device returns few files, two folders deep at most, with plain names: the run folders (lora@r=2...) go as one archive
+tar czf "$RESULTS/study.tar.gz.tmp" -C "$(dirname "$STUDY_DIR")" "$(basename "$STUDY_DIR")" && mv "$RESULTS/study.tar.gz.tmp" "$RESULTS/study.tar.gz"
+for f in study.md study.json study.png device.txt gpu_util.csv; do
+    [ -f "$STUDY_DIR/$f" ] && [ "$(cd "$STUDY_DIR" && pwd)" != "$(cd "$RESULTS" && pwd)" ] && cp "$STUDY_DIR/$f" "$RESULTS/"
+done
 done=$(python3 -c "import json, sys; r = json.load(open(sys.argv[1]))['records']; print(sum(x['status'] == 'done' for x in r), 'of', len(r))" \
        "$STUDY_DIR/study.json" 2>/dev/null)
 echo "study exit status $rc (124: stopped at LIMIT, run the same command again to continue); runs done: ${done:-?}; $(du -sh "$STUDY_DIR" | cut -f1) in $STUDY_DIR"
