@@ -8,9 +8,10 @@
 #
 # Knobs (environment): TASK (out/task), STUDY_DIR (out/study), RESULTS (${OUT:-out}: where study.md, study.json,
 # study.png, device.txt, gpu_util.csv and the whole study as study.tar.gz are copied at the end, 6 files), STEPS (1000),
-# PER_GPU (3 runs at a time on each GPU), LIMIT (510 s: then the study stops, each run at a step boundary, and the
-# table so far is printed), LRS, SEEDS, BEST_SEEDS, ADAPTERS, EVAL_INTERVAL, EVAL_ITERS.
-# To continue a study that LIMIT stopped: put its study.tar.gz at out/study.tar.gz, carry it with out/task, run the
+# PER_GPU (3 runs at a time on each GPU), WALL (530 s for the whole command: the study gets what the set-up left, less
+# 25 s to stop and pack; then it stops, each run at a step boundary, and prints the table so far), LRS, SEEDS,
+# BEST_SEEDS, ADAPTERS, EVAL_INTERVAL, EVAL_ITERS.
+# To continue a study that WALL stopped: put its study.tar.gz at out/study.tar.gz, carry it with out/task, run the
 # same command (same SMOLLM2_DIR and TASK: the study refuses other train.py flags); finished runs are not repeated.
 # Runs that were stopped lose their checkpoints (Adam state is too big to carry back): they start over next time.
 set -uo pipefail
@@ -20,7 +21,7 @@ STUDY_DIR=${STUDY_DIR:-out/study}
 RESULTS=${RESULTS:-${OUT:-out}}
 STEPS=${STEPS:-1000}
 PER_GPU=${PER_GPU:-3}
-LIMIT=${LIMIT:-510}
+WALL=${WALL:-530}
 LRS=${LRS:-1e-5,3e-5,1e-4,3e-4,1e-3,3e-3,1e-2}
 SEEDS=${SEEDS:-0}
 BEST_SEEDS=${BEST_SEEDS:-0,1,2}
@@ -42,8 +43,10 @@ export PYTHONUNBUFFERED=1
 # what fills a GPU: utilization and memory every 10 s, for choosing PER_GPU next time
 nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used --format=csv,noheader -l 10 > "$STUDY_DIR/gpu_util.csv" 2>/dev/null &
 smi=$!
-# SIGTERM after LIMIT seconds (SIGKILL 60 s later): the study stops its runs at a step boundary and prints the table so far
-timeout -k 60 "$LIMIT" python3 tools/study.py --adapters "$ADAPTERS" --lrs "$LRS" --seeds "$SEEDS" --best-seeds "$BEST_SEEDS" \
+# SIGTERM when the time is up (SIGKILL 15 s later): the study stops its runs at a step boundary and prints the table so far
+LIMIT=$((WALL - SECONDS - 25))
+echo "the study gets $LIMIT s"
+timeout -k 15 "$LIMIT" python3 tools/study.py --adapters "$ADAPTERS" --lrs "$LRS" --seeds "$SEEDS" --best-seeds "$BEST_SEEDS" \
     --out "$STUDY_DIR" --per-gpu "$PER_GPU" --drop-adapters --plot -- \
     --init-from "$SMOLLM2_DIR" --data "$TASK/chain_sum.txt" --task-eval "$TASK/chain_sum_eval.json" \
     --steps "$STEPS" --batch-size 8 --block-size 256 --eval-interval "$EVAL_INTERVAL" --eval-iters "$EVAL_ITERS"
@@ -57,5 +60,5 @@ for f in study.md study.json study.png device.txt gpu_util.csv; do
 done
 done=$(python3 -c "import json, sys; r = json.load(open(sys.argv[1]))['records']; print(sum(x['status'] == 'done' for x in r), 'of', len(r))" \
        "$STUDY_DIR/study.json" 2>/dev/null)
-echo "study exit status $rc (124: stopped at LIMIT, run the same command again to continue); runs done: ${done:-?}; $(du -sh "$STUDY_DIR" | cut -f1) in $STUDY_DIR"
+echo "study exit status $rc (124: stopped at WALL, run the same command again to continue); runs done: ${done:-?}; $(du -sh "$STUDY_DIR" | cut -f1) in $STUDY_DIR"
 exit $rc
