@@ -743,10 +743,13 @@ class HFTokenizer:
     """A HF tokenizer.json of the byte-level BPE kind as a tiktoken Encoding. tiktoken merges the adjacent pair
     whose concatenation has the lowest rank, HF the pair listed first in `merges`, so a token's rank is the
     index of the first merge that makes it; ranks are mapped back to the file's ids after encoding.
-    Added/special tokens inside `text` are encoded as ordinary text, as Llama3Tokenizer does."""
+    Added/special tokens inside `text` are encoded as ordinary text, as Llama3Tokenizer does.
+    A byte missing from the vocab (SmolLM2's lacks 21, e.g. the control character 0x13) becomes the model's unk token,
+    consecutive ones fused as fuse_unk says, or is dropped where there is no unk token, as HF does (HF then also lets
+    its neighbours merge across the gap, which happens only around such bytes)."""
 
-    SUPPORTED = ("byte-level BPE tokenizer.json: no normalizer, pre_tokenizer ByteLevel(use_regex=true) or "
-                 "Sequence[Split(Regex, Isolated), ByteLevel(use_regex=false)], no byte_fallback")
+    SUPPORTED = ("byte-level BPE tokenizer.json: no normalizer (or an empty Sequence), pre_tokenizer ByteLevel(use_regex=true) or "
+                 "Sequence[Split(Regex, Isolated), ByteLevel(use_regex=false)], no byte_fallback to <0xNN> tokens")
 
     def __init__(self, path):
         path = Path(path)
@@ -757,9 +760,13 @@ class HFTokenizer:
             raise ValueError(f"{path}: not a supported tokenizer ({e}); supported: {self.SUPPORTED}") from None
 
     def _build(self, spec, path):
-        model, pre = spec["model"], spec.get("pre_tokenizer") or {}
-        if model.get("type") != "BPE" or model.get("byte_fallback") or spec.get("normalizer") is not None \
-                or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        model, pre, norm = spec["model"], spec.get("pre_tokenizer") or {}, spec.get("normalizer")
+        # transformers 5.17 converts SmolLM2's GGUF with an empty normalizer Sequence and byte_fallback on (5.24: null and
+        # off), the vocab and merges identical: an empty Sequence changes no text, and byte_fallback only sends a piece
+        # missing from the vocab to <0xNN> tokens, of which a byte-level vocab has none (it falls back to unk then)
+        empty_norm = norm is None or norm == {"type": "Sequence", "normalizers": []}
+        fallback = model.get("byte_fallback") and any(re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t) for t in model.get("vocab", {}))
+        if model.get("type") != "BPE" or fallback or not empty_norm or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
             raise ValueError("model is not plain byte-level BPE (or has a normalizer)")
         steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
         if [p.get("type") for p in steps] == ["ByteLevel"] and steps[0].get("use_regex", True):
@@ -788,11 +795,17 @@ class HFTokenizer:
         id_of = {bytes_: vocab[tok] for tok, bytes_ in to_bytes.items()}
         if not ranks.keys() <= id_of.keys():
             raise ValueError(f"byte or merged token {next(iter(ranks.keys() - id_of.keys()))!r} is not in the vocab")
+        added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+        # bytes missing from the vocab: ranks of their own after every merge (no merge holds them), read as unk or dropped
+        self._missing = len(ranks)
+        for b in range(256):
+            ranks.setdefault(bytes([b]), len(ranks))
+        unk = model.get("unk_token")
+        self._unk_id, self._fuse_unk = (vocab.get(unk, added.get(unk)) if unk else None), bool(model.get("fuse_unk"))
         self.enc = tiktoken.Encoding(name=path.name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
         self._id_of_rank = [0] * len(ranks)
         for token, rank in ranks.items():
-            self._id_of_rank[rank] = id_of[token]
-        added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+            self._id_of_rank[rank] = id_of.get(token, -1)
         self._bytes_of_id = {i: to_bytes[tok] for tok, i in vocab.items()}
         self._bytes_of_id.update({i: text.encode("utf-8") for text, i in added.items()})  # added tokens are literal
         self.special_tokens = added
@@ -807,7 +820,18 @@ class HFTokenizer:
         self.bos_id, self.eos_id = token_id("bos_token"), token_id("eos_token")
 
     def encode(self, text, bos=False, eos=False):
-        ids = [self._id_of_rank[r] for r in self.enc.encode_ordinary(text)]
+        ranks = self.enc.encode_ordinary(text)
+        if ranks and max(ranks) >= self._missing:  # a byte the vocab lacks: unk, or nothing
+            ids, previous = [], False
+            for r in ranks:
+                missing = r >= self._missing
+                if not missing:
+                    ids.append(self._id_of_rank[r])
+                elif self._unk_id is not None and not (previous and self._fuse_unk):
+                    ids.append(self._unk_id)
+                previous = missing
+        else:
+            ids = [self._id_of_rank[r] for r in ranks]
         return [self.bos_id] * bool(bos and self.bos_id is not None) + ids + [self.eos_id] * bool(eos and self.eos_id is not None)
 
     def decode(self, ids):

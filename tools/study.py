@@ -313,6 +313,10 @@ def table(records, summary, lrs, header):
     failed = [r for r in records if r["status"] in ("failed", "diverged")]
     if failed:
         lines += ["", "## Runs that did not finish", ""] + [f"- {r['entry']} lr {r['lr']:g} seed {r['seed']}: {r['status']}: `{r['last_line']}`" for r in failed]
+    errors = [r for r in records if r["status"] == "done" and r.get("errors")]
+    if errors:
+        lines += ["", "## Runs with a failed step after training (their results stand)", ""]
+        lines += [f"- {r['entry']} lr {r['lr']:g} seed {r['seed']}: {k}: `{v[:200]}`" for r in errors for k, v in r["errors"].items()]
     return lines
 
 
@@ -443,12 +447,17 @@ def main(argv=None):
                 return
             summary = summarize([record(out, e, specs[e], lr, s) for e in specs for lr in lrs for s in seeds], list(specs), lrs, seeds)
             for e, s in summary.items():
-                if e not in staged and s["complete"] and s["best_lr"] is not None:
+                if e not in staged and s["complete"]:  # (every lr failed: no best lr, nothing to add)
                     staged.add(e)
-                    pending.extend((e, s["best_lr"], sd) for sd in best_seeds if sd not in seeds and state(out, e, specs[e], s["best_lr"], sd) is None)
+                    pending.extend((e, s["best_lr"], sd) for sd in best_seeds if s["best_lr"] is not None and sd not in seeds
+                                   and state(out, e, specs[e], s["best_lr"], sd) is None)
 
         stage_two()
-        todo_total = len(pending) + sum(len([sd for sd in best_seeds if sd not in seeds]) for e in specs if e not in staged)
+
+        def todo():  # queued, and the best-lr seeds of the entries whose sweeps are still running
+            return len(pending) + sum(len([sd for sd in best_seeds if sd not in seeds]) for e in specs if e not in staged)
+
+        todo_total = todo()
         if args.dry_run:
             for e, lr, s in pending:
                 print(" ".join(command(specs[e], lr, s, run_dir(out, e, lr, s), train_flags)))
@@ -477,6 +486,8 @@ def main(argv=None):
                 if result == "failed":
                     bar.write(f"{e} lr {lr:g} seed {s}: failed: {last_line(run_dir(out, e, lr, s) / 'log.txt')}")
                 stage_two()
+                bar.total = bar.n + len(procs) + todo()
+                bar.refresh()
                 write_outputs(args, train_flags, specs, lrs, seeds, best_seeds)
         bar.close()
         lines, records, summary = write_outputs(args, train_flags, specs, lrs, seeds, best_seeds)
@@ -495,8 +506,13 @@ def main(argv=None):
         for proc, *_ in procs.values():  # each run checkpoints at its next step boundary and stops
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for proc, *_ in procs.values():
+        for proc, started, e, lr, s in procs.values():
             proc.wait()
+            finish_run(proc, started, specs[e], e, lr, s, args)  # one that finished meanwhile is recorded
+        try:  # the table so far
+            print("\n".join(write_outputs(args, train_flags, specs, lrs, seeds, best_seeds)[0]))
+        except Exception as e:  # noqa: BLE001 (stopping: the runs' own files hold everything)
+            print(f"(no table: {type(e).__name__}: {e})", file=sys.stderr)
         print("study interrupted: run the same command again to continue (finished runs are kept, interrupted ones resume)", file=sys.stderr)
         return 130
     finally:
