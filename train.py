@@ -342,22 +342,20 @@ def pretrain_gpt(args):
 
 
 def seconds_per_step(model, tokens, loop, args, n=3):
-    """A training step's time on this machine: n steps of a throwaway copy of model (the run's weights untouched),
-    after one untimed warm-up step."""
+    """A training step's time on this machine: n steps (train.Step, eagerly) of a throwaway copy of model (the run's
+    weights untouched), after one untimed warm-up step."""
     model = copy.deepcopy(model).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=0.0)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=0.0)
+    optimizer_on_device(opt, args.device)
+    step_fn = Step(model, opt, params, args, (loop.batch_size, loop.block_size), cuda_graph=False)
     ix = torch.linspace(0, len(tokens) - loop.block_size - 2, loop.batch_size).long()  # one batch, not the run's: no get_batch
+    x, y = data.windows(tokens, ix, loop.block_size)
     for step in range(n + 1):
         if step == 1:
             sync(args.device)
             t0 = time.perf_counter()
-        x, y = data.windows(tokens, ix, loop.block_size)
-        with autocast(args):
-            logits = model(x.to(args.device))
-        F.cross_entropy(logits.float().flatten(0, 1), y.to(args.device).flatten()).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        step_fn(x, y, 0.0, step)
     sync(args.device)
     return (time.perf_counter() - t0) / n
 
@@ -604,6 +602,11 @@ class Step:
         torch.nn.utils.clip_grad_norm_(self.params, GRAD_CLIP)
         self.opt.step()
 
+    def whole(self):  # what the graph captures
+        loss = self.loss_and_grads()
+        self.update()
+        return loss
+
     def __call__(self, x, y, lr, seed):
         """The loss of one step on (x, y) at this lr, dropout seeded with seed; the weights updated."""
         self.x.copy_(x)
@@ -612,7 +615,7 @@ class Step:
             g["lr"].fill_(lr)
         if self.cuda_graph and self.graph is None:
             try:
-                self.graph, self.loss = capture(lambda: (self.loss_and_grads(), self.update())[0], self.params, self.opt)
+                self.graph, self.loss = capture(self.whole, self.params, self.opt)
             except RuntimeError as e:  # e.g. a model that reads a value to the host mid-step: the same step, eagerly
                 log(f"note: the training step could not be captured as a CUDA graph ({str(e).splitlines()[0][:160]}); running it eagerly")
                 self.cuda_graph = False
