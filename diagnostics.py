@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from adapt import put
+from lrlora import LRLoRALinear, transfer_at_zero
 
 
 # ----------------------------------------------------------------------------------------------
@@ -36,6 +37,20 @@ def singular_values(dw, k=72):
 
 
 @torch.no_grad()
+def transfer_point(adapters):
+    """LR-LoRA's transfer where it acts, summarized over its modules (mean, min, max): f(0), the all-ones term of the
+    literal dW (scale f(0) on every entry; subtracted when centred), f'(0), which scales LoRA's gradient for A and B,
+    and the span max - min of B A's entries, the stretch of f that is used. Empty for the other methods."""
+    per = [(*transfer_at_zero(m.a, F.softplus(m.beta), m.g), (lambda lo_hi: lo_hi[1] - lo_hi[0])(torch.aminmax(m.B @ m.A)))
+           for m in adapters.values() if isinstance(m, LRLoRALinear)]
+    if not per:
+        return {}
+    stats = torch.tensor([[float(v) for v in p] for p in per], dtype=torch.float64)
+    return {key: {"mean": col.mean().item(), "min": col.min().item(), "max": col.max().item()}
+            for key, col in zip(("f0", "f_prime0", "ba_span"), stats.T)}
+
+
+@torch.no_grad()
 def rank_report(adapters):
     """Per-module diagnostics and their means; a method with no weight-space dW says why instead."""
     per_module = {}
@@ -45,7 +60,7 @@ def rank_report(adapters):
         except NotImplementedError as e:
             return {"per_module": None, "mean": None, "reason": str(e)}
     mean = {k: sum(m[k] for m in per_module.values()) / len(per_module) for k in ("numerical_rank", "stable_rank", "energy")}
-    return {"per_module": per_module, "mean": mean, "reason": None}
+    return {"per_module": per_module, "mean": mean, "reason": None, "transfer": transfer_point(adapters)}
 
 
 def rank_lines(rep, title):
@@ -55,6 +70,10 @@ def rank_lines(rep, title):
     lines = [f"{title}: {'module':<28} {'num.rank':>8} {'stable rk':>9} {'energy':>9}"]
     for n, st in [*rep["per_module"].items(), ("mean", rep["mean"])]:
         lines.append(f"  {n:<28} {st['numerical_rank']:>8.4g} {st['stable_rank']:>9.2f} {st['energy']:>9.3g}")
+    for key, what in (("f0", "f(0)"), ("f_prime0", "f'(0)"), ("ba_span", "span of B A")):
+        if key in rep.get("transfer", {}):
+            st = rep["transfer"][key]
+            lines.append(f"  {what:<12} mean {st['mean']:+.4g}, min {st['min']:+.4g}, max {st['max']:+.4g} over the modules")
     return lines
 
 

@@ -12,9 +12,17 @@ K = grid_size fixed grid points g_k in [-grid_range, grid_range] (K = 50, range 
 a_k = 0 at init, so f = 0 and dW = 0: the wrapped layer starts as the base layer. A is
 Kaiming-uniform, B zeros, as in LoRA; 2K extra scalars (a_k, beta_k) per module (K with
 learn_bandwidth=False, the paper's fixed-bandwidth ablation, Table 3). At init only the a_k get
-gradient (f is linear in a); once a != 0, A and B get it too (App. E). Once a != 0,
-f(0) = sum_k a_k sinc(-b_k g_k) != 0: f adds a constant to every entry of dW, an all-ones
-rank-one term, which is one way the stable rank moves below or above r.
+gradient (f is linear in a); once a != 0, A and B get it too (App. E).
+
+Centring (center=True; a deviation from Eq. 4, which center=False keeps as printed): dW = scale (f(B A) - f(0)).
+Near B A = 0, f(B A) ~ f(0) 11^T + f'(0) B A, and f(0) = sum_k a_k sinc(-b_k g_k) adds the same constant to every
+entry of dW: an all-ones rank-one update the paper never discusses. Its gradient is the sum of all entries of dL/dW,
+which is large where hidden states are not centred (RMSNorm models: LLaMA, SmolLM2), so from a = 0 Adam grows f(0)
+about ten times faster than f'(0), and A, B (whose gradient is f'(0) times LoRA's) barely learn. Subtracting f(0)
+removes that term and keeps dW = 0 at B = 0 for every a. a_init picks the start of a: "zero" (§3.3; the literal
+default), "identity" (ours, the centred default: the least-norm a with f(0) = 0 and f'(0) = 1, so A and B get LoRA's
+gradient from the first step), "small" (Table 18's 0.1 small-start) or "random" (Table 3's random init). Centred,
+a = 0 is refused: at B = 0 both f(B A) - f(0) and f'(B A) vanish, so no parameter would ever get a gradient.
 
 Training merges once per step (App. C): W0 + dW is formed and the layer does one matmul.
 f is one scalar function for all out x in entries of B A, so it is tabulated once per layer and
@@ -74,16 +82,19 @@ def _grid(M, b, fixed=None):
     return lo, ((hi - lo) / (T - 1)).clamp_min(torch.finfo(M.dtype).tiny), T  # B A constant (B = 0): any h > 0 will do
 
 
-def sinc_table(lo, h, T, a, b, g):
+def sinc_table(lo, h, T, a, b, g, center=False):
     """f and f' at the table points, as each interval's two ends ((T - 1) x 2, lo's dtype), and the T x K pieces of
-    the adjoint, in float64: d f(t_j)/d a_k = sinc(z_jk) and z_jk sinc'(z_jk) = (b_k / a_k) d f(t_j)/d b_k."""
+    the adjoint, in float64: d f(t_j)/d a_k = sinc(z_jk) and z_jk sinc'(z_jk) = (b_k / a_k) d f(t_j)/d b_k.
+    center: f(t) - f(0) and its adjoint pieces, the row at t = 0 (computed as the others) subtracted from each."""
     t = lo.double() + h.double() * torch.arange(T, dtype=torch.float64, device=lo.device)
     a, b, g = a.double(), b.double(), g.double()
-    z = b * (t[:, None] - g)
+    z = b * (torch.cat([t, t.new_zeros(1)])[:, None] - g)  # the last row is t = 0
     s = torch.sinc(z)
-    ds = torch.where(z == 0, 0.0, (torch.cos(math.pi * z) - s) / z)  # sinc'(z); in float64 the cancellation near 0 is < 1e-8
+    zds = torch.where(z == 0, 0.0, torch.cos(math.pi * z) - s)  # z sinc'(z); float64: the cancellation near 0 is < 1e-8
+    p = (torch.where(z == 0, 0.0, zds / z) @ (a * b))[:T]  # f' = sum_k a_k b_k sinc'(z); unchanged by centring
+    s, zds = (s[:T] - s[T:], zds[:T] - zds[T:]) if center else (s[:T], zds[:T])
     ends = lambda f: torch.stack([f[:-1], f[1:]], -1).to(lo.dtype)
-    return ends(s @ a), ends(ds @ (a * b)), s, z * ds  # f = sum_k a_k sinc(z) (Eq. 4), f' = sum_k a_k b_k sinc'(z)
+    return ends(s @ a), ends(p), s, zds  # f = sum_k a_k sinc(z) (Eq. 4), less f(0) if centred
 
 
 def _lookup(M, lo, inv_h, T):
@@ -168,13 +179,13 @@ class _MergedSincLinear(torch.autograd.Function):
     """y = x (W0 + scale f(B A))^T + bias, W0 and bias optional; forward keeps x and the small factors only."""
 
     @staticmethod
-    def forward(ctx, x, W0, bias, A, B, a, b, g, scale):
+    def forward(ctx, x, W0, bias, A, B, a, b, g, scale, center):
         with torch.autocast(x.device.type, enabled=False):  # B A, the table and f in float32 (or wider) under autocast
             M = B @ A
             lo, h, T = _grid(M, b)
-            W = _by_rows(_forward, [M, W0], lo, 1 / h, sinc_table(lo, h, T, a, b, g)[0], scale, x.dtype)
+            W = _by_rows(_forward, [M, W0], lo, 1 / h, sinc_table(lo, h, T, a, b, g, center)[0], scale, x.dtype)
         ctx.save_for_backward(x, W0, A, B, a, b, g, lo, h)
-        ctx.scale, ctx.T = scale, T
+        ctx.scale, ctx.T, ctx.center = scale, T, center
         return F.linear(x, W, bias)  # one backbone-shaped matmul; as nn.Linear, so dW = 0 gives base(x) bit for bit
 
     @staticmethod
@@ -182,7 +193,7 @@ class _MergedSincLinear(torch.autograd.Function):
         x, W0, A, B, a, b, g, lo, h = ctx.saved_tensors
         with torch.autocast(gy.device.type, enabled=False):
             M = B @ A  # recomputed: an r-rank matmul is cheaper than keeping out x in per layer until backward
-            f_ends, p_ends, s, zds = sinc_table(lo, h, ctx.T, a, b, g)  # the same table as forward
+            f_ends, p_ends, s, zds = sinc_table(lo, h, ctx.T, a, b, g, ctx.center)  # the same table as forward
             G = gy.reshape(-1, gy.shape[-1]).T @ x.reshape(-1, x.shape[-1]).to(gy.dtype)  # dL/dW, the weight-gradient GEMM
             W, grad_M, grad_tab = _by_rows(_backward, [M, W0, G], lo, 1 / h, f_ends, p_ends, ctx.scale, gy.dtype,
                                            _scatter_copies(ctx.T, M.device))
@@ -190,14 +201,30 @@ class _MergedSincLinear(torch.autograd.Function):
             grad_x = gy @ W if ctx.needs_input_grad[0] else None
             grad_a = (s.T @ grad_tab).to(a.dtype)  # f(t_j) = sum_k a_k sinc(z_jk): the adjoint of the table, T x K
             grad_b = (a.double() / b.double() * (zds.T @ grad_tab)).to(b.dtype) if ctx.needs_input_grad[6] else None
-            return grad_x, None, None, B.T @ grad_M, grad_M @ A.T, grad_a, grad_b, None, None
+            return grad_x, None, None, B.T @ grad_M, grad_M @ A.T, grad_a, grad_b, None, None, None
 
 
-def _direct(x, W0, bias, A, B, a, b, g, scale):
+def _direct(x, W0, bias, A, B, a, b, g, scale, center):
     """The same layer with f by its definition (Eq. 4) and plain autograd: the path for float64, where exactness is
     the point (gradcheck); it keeps K out x in intermediates for backward, so it is not for training."""
-    dW = scale * transfer(B @ A, a, b, g)
+    dW = scale * _centred(transfer, B @ A, a, b, g, center)
     return F.linear(x, dW if W0 is None else W0 + dW, bias)
+
+
+def _centred(f, M, a, b, g, center):
+    return f(M, a, b, g) - f(M.new_zeros(()), a, b, g) if center else f(M, a, b, g)  # f(M) - f(0): the centred form
+
+
+def basis_at_zero(b, g):
+    """d f(0)/d a_k = sinc(-b_k g_k) and d f'(0)/d a_k = b_k sinc'(-b_k g_k), as two K-vectors (f is linear in a)."""
+    z = -b * g
+    return torch.sinc(z), b * torch.where(z == 0, 0.0, (torch.cos(math.pi * z) - torch.sinc(z)) / z)
+
+
+def transfer_at_zero(a, b, g):
+    """f(0) and f'(0) (Eq. 4): the all-ones term of the literal update, and the slope that scales LoRA's gradient for A, B."""
+    s0, p0 = basis_at_zero(b, g)
+    return s0 @ a, p0 @ a
 
 
 def stable_rank(M: torch.Tensor) -> float:
@@ -210,7 +237,8 @@ class LRLoRALinear(nn.Module):
     exact_merge = True  # dW is a weight-space update: merged() reproduces forward() for every input
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-                 grid_size: int = 50, grid_range: float = 3.0, learn_bandwidth: bool = True):
+                 grid_size: int = 50, grid_range: float = 3.0, learn_bandwidth: bool = True,
+                 center: bool = False, a_init: str = None):
         super().__init__()
         if not isinstance(r, int) or r < 1:  # r above min(in, out) adds no rank but is valid, as in LoRA (defaults fit any layer)
             raise ValueError(f"r={r!r}: the rank must be an integer >= 1")
@@ -220,8 +248,14 @@ class LRLoRALinear(nn.Module):
             raise ValueError(f"grid_size={grid_size!r}: the number of grid points K must be an integer >= 2")
         if not 0.0 < grid_range < math.inf:
             raise ValueError(f"grid_range={grid_range!r}: the grid spans [-grid_range, grid_range], so it must be > 0")
+        a_init = a_init or ("identity" if center else "zero")  # the paper's zero start; centred, ours (below)
+        if a_init not in ("zero", "identity", "small", "random"):
+            raise ValueError(f"a_init={a_init!r}: choose zero, identity, small or random")
+        if center and a_init == "zero":  # f - f(0) and f' vanish at B A = 0 for a = 0: every gradient is 0 there
+            raise ValueError("a_init='zero' with center=True: B = 0, a = 0 is a stationary point (no gradient reaches any "
+                             "parameter); start a elsewhere (identity, small, random)")
         self.base = base.requires_grad_(False)  # W0 (and its bias) stay frozen
-        self.r, self.alpha, self.scale = r, alpha, alpha / r
+        self.r, self.alpha, self.scale, self.center, self.a_init = r, alpha, alpha / r, center, a_init
         kw = dict(device=base.weight.device, dtype=torch.float32)  # float32 whatever the base dtype
         self.A = nn.Parameter(torch.empty(r, base.in_features, **kw))
         self.B = nn.Parameter(torch.zeros(base.out_features, r, **kw))
@@ -232,17 +266,32 @@ class LRLoRALinear(nn.Module):
         # The points -R + (k + 1/4) 2R/K, all inside [-R, R], have no mirror pairs: B's gradient is of normal size from
         # the second step, without relying on rounding (App. E assumes the symmetry breaks)
         self.register_buffer("g", -grid_range + (2 * grid_range / grid_size) * (torch.arange(grid_size, **kw) + 0.25))
-        self.a = nn.Parameter(torch.zeros(grid_size, **kw))  # amplitudes a_k = 0: f = 0 at init (§3.3)
         # softplus(beta_k) = 1 (§3.3); learn_bandwidth=False keeps b_k = 1 (Table 3, "fixed bandwidth")
         self.beta = nn.Parameter(torch.full((grid_size,), math.log(math.e - 1), **kw), requires_grad=learn_bandwidth)
+        self.a = nn.Parameter(self._a_start(a_init, F.softplus(self.beta.detach())))
         self.dropout = nn.Dropout(dropout)
+
+    def _a_start(self, a_init, b):
+        """The amplitudes at init. zero: f = 0 (§3.3). identity: C a = (0, 1) for C's rows d f(0)/d a and d f'(0)/d a, least
+        norm (a = C^T (C C^T)^-1 (0, 1)). small: every a_k = 0.1, Table 18's "0.1 Small-start" (the paper does not say
+        whether 0.1 is a constant or a random draw's scale: a constant here). random: a_k ~ N(0, 0.1^2), Table 3's
+        "Random" (its scale unstated: Table 18's 0.1). Literal (center=False), the last two move dW off 0 at B = 0."""
+        K = self.g.numel()
+        if a_init == "zero":
+            return torch.zeros(K, device=self.g.device)
+        if a_init == "small":
+            return torch.full((K,), 0.1, device=self.g.device)
+        if a_init == "random":
+            return 0.1 * torch.randn(K, device=self.g.device)
+        C = torch.stack(basis_at_zero(b.double(), self.g.double()))  # 2 x K
+        return (C.T @ torch.linalg.solve(C @ C.T, C.new_tensor([0.0, 1.0]))).float()
 
     @torch.compiler.disable  # its passes are compiled kernels of their own (CUDA), or sized by a host sync (CPU): run as it is
     def forward(self, x):
         b = F.softplus(self.beta)  # b_k > 0 (§3.3)
         dev = x.device.type
         x = x.to(torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else x  # W meets x in x's dtype
-        args = (self.A, self.B, self.a, b, self.g, self.scale)
+        args = (self.A, self.B, self.a, b, self.g, self.scale, self.center)
         merged_linear = _direct if self.A.dtype == torch.float64 else _MergedSincLinear.apply
         if self.dropout.p == 0 or not self.training:  # App. C: one matmul with W0 + dW
             return merged_linear(x, self.base.weight, self.base.bias, *args)
@@ -251,12 +300,13 @@ class LRLoRALinear(nn.Module):
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
-        """dW = scale f(B A) (Eq. 1, 4) through the same table as forward(), so merged() reproduces it; float32 or wider."""
+        """dW = scale f(B A) (Eq. 1, 4; less f(0) if centred) through the same table as forward(), so merged() reproduces
+        it; float32 or wider."""
         M, b = self.B @ self.A, F.softplus(self.beta)
         if M.dtype == torch.float64:  # as forward(): the definition itself
-            return self.scale * transfer(M, self.a, b, self.g)
+            return self.scale * _centred(transfer, M, self.a, b, self.g, self.center)
         lo, h, T = _grid(M, b)
-        return _forward(M, None, lo, 1 / h, sinc_table(lo, h, T, self.a, b, self.g)[0], self.scale, M.dtype)
+        return _forward(M, None, lo, 1 / h, sinc_table(lo, h, T, self.a, b, self.g, self.center)[0], self.scale, M.dtype)
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
@@ -270,4 +320,4 @@ class LRLoRALinear(nn.Module):
         return out.requires_grad_(False)
 
     def extra_repr(self):
-        return f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}, grid_size={self.g.numel()}"
+        return f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}, grid_size={self.g.numel()}, center={self.center}, a_init={self.a_init}"

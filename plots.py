@@ -148,8 +148,9 @@ def draw_lrlora(sub, model, adapters, batches):
         ax = axes[0, col]
         ax.plot(x, x, ls="--", lw=1, color="0.55", label="identity (LoRA: f(x) = x)")
         ax.plot(x, f, lw=2, color="C0", label="learned f(x)", gid=f"f:{n}")
-        ax.plot([0], [f0], "o", color="C3", ms=7, label="f(0): the all-ones term", gid=f"f0:{n}")
-        ax.annotate(f"f(0) = {f0:.3g}\n→ {m.scale * f0:+.3g} on every\nentry of ΔW", (0, f0), xytext=(0.04, 0.96),
+        ax.plot([0], [f0], "o", color="C3", ms=7, label="f(0): the all-ones term (subtracted if centred)", gid=f"f0:{n}")
+        said = "centred: subtracted,\nnot in ΔW" if m.center else f"→ {m.scale * f0:+.3g} on every\nentry of ΔW"
+        ax.annotate(f"f(0) = {f0:.3g}\n{said}", (0, f0), xytext=(0.04, 0.96),
                     textcoords="axes fraction", va="top", fontsize=8, color="C3", bbox=dict(fc="white", ec="none", alpha=0.8))
         ax.set_title(short(n), fontsize=10)
         ax.grid(alpha=0.3)

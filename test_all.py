@@ -1114,29 +1114,42 @@ def test_lrlora_b_moves_only_on_a_grid_without_mirror_pairs(grid, stalls):
 
 
 def lrlora_check_against_float64(layer, x, tol=1e-5, guard=contextlib.nullcontext, **kw):
-    """The float32 table path against Eq. 4 summed directly in float64: output, dW and the gradients of x, A, B, a, beta."""
+    """The float32 table path against Eq. 4 summed directly in float64: output, dW and the gradients of x, A, B, a, beta.
+    Errors relative to the literal form's quantities: the table errs by an absolute amount (the docstring's bound, in
+    sum|a_k|), so centring, which makes dW and dL/da smaller, must not make that error larger."""
     names = ["A", "B", "a", "beta"]
-    ref = [x.detach().double().requires_grad_()] + [getattr(layer, n).detach().double().requires_grad_() for n in names]
-    xd, A, B, a, beta = ref
-    W = layer.base.weight.double() + layer.scale * lrlora_f_reference(B @ A, a, beta, layer.g.double())
-    y_ref = F.linear(xd, W, None if layer.base.bias is None else layer.base.bias.double())
-    gy = torch.randn(y_ref.shape, dtype=torch.float64)
-    want = [y_ref, W - layer.base.weight.double()] + list(torch.autograd.grad(y_ref, ref, gy))
+    gy = None
+
+    def reference(center):
+        nonlocal gy
+        ref = [x.detach().double().requires_grad_()] + [getattr(layer, n).detach().double().requires_grad_() for n in names]
+        xd, A, B, a, beta = ref
+        f = lrlora_f_reference(B @ A, a, beta, layer.g.double())
+        if center:  # f(BA) - f(0), f(0) summed the same obvious way
+            f = f - lrlora_f_reference(torch.zeros((), dtype=torch.float64), a, beta, layer.g.double())
+        W = layer.base.weight.double() + layer.scale * f
+        y_ref = F.linear(xd, W, None if layer.base.bias is None else layer.base.bias.double())
+        gy = torch.randn(y_ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        return [y_ref, W - layer.base.weight.double()] + list(torch.autograd.grad(y_ref, ref, gy))
+
+    want, scale_of = reference(layer.center), reference(False)
     with guard():
         y = layer(x)
         got = [y, layer.delta_weight()] + list(torch.autograd.grad(y, [x] + [getattr(layer, n) for n in names], gy.float()))
-    for name, g_, w in zip(["y", "dW", "x", "A", "B", "a", "beta"], got, want):
-        assert g_.dtype == torch.float32 and lrlora_rel(g_, w) < tol, (name, lrlora_rel(g_, w))
+    for name, g_, w, s_ in zip(["y", "dW", "x", "A", "B", "a", "beta"], got, want, scale_of):
+        err = ((g_.double() - w).norm() / s_.norm()).item()
+        assert g_.dtype == torch.float32 and err < tol, (name, err)
 
 
+@pytest.mark.parametrize("center", [False, True], ids=["literal", "centred"])
 @pytest.mark.parametrize("fixed", [False, True], ids=["sized-by-span", "fixed-T-no-host-sync"])
 @pytest.mark.parametrize("shape,bias,scale", [((20, 12), True, 0.5), ((64, 48), False, 0.5), ((256, 192), True, 0.05)])
-def test_lrlora_table_matches_float64_direct_sum(shape, bias, scale, fixed, monkeypatch):
+def test_lrlora_table_matches_float64_direct_sum(shape, bias, scale, fixed, center, monkeypatch):
     """Both ways of sizing the table: by the span, with a host sync (the CPU's), and fixed T = FIXED_POINTS (CUDA's,
     which a CUDA graph can capture), here on the CPU with every read-back to the host made an error."""
     import lrlora
     torch.manual_seed(1)
-    layer = lrlora_moved(LRLoRALinear(nn.Linear(*shape, bias=bias), r=3), scale=scale)
+    layer = lrlora_moved(LRLoRALinear(nn.Linear(*shape, bias=bias), r=3, center=center), scale=scale)
     with torch.no_grad():  # entries of B A exactly 0 (a zero row of B), and min / max: the table's two ends
         layer.B[0] = 0
     x = torch.randn(2, 5, shape[0], requires_grad=True)
@@ -1224,9 +1237,10 @@ def test_lrlora_table_f_prime_within_the_docstrings_bound_at_the_midpoints():
                       f"rounding {tol:.3g}: the f' table is coarser than h = 1/(1024 b_max)"
 
 
-def test_lrlora_float64_uses_the_direct_sum_and_passes_gradcheck():
+@pytest.mark.parametrize("center", [False, True], ids=["literal", "centred"])
+def test_lrlora_float64_uses_the_direct_sum_and_passes_gradcheck(center):
     torch.manual_seed(2)
-    layer = lrlora_moved(LRLoRALinear(nn.Linear(5, 4), r=2, grid_size=5)).double()
+    layer = lrlora_moved(LRLoRALinear(nn.Linear(5, 4), r=2, grid_size=5, center=center)).double()
     layer.B.data[0] = 0  # M = 0 exactly in a row
     args = [torch.randn(3, 5, dtype=torch.float64, requires_grad=True)]
     args += [getattr(layer, n).detach().clone().requires_grad_() for n in ("A", "B", "a", "beta")]
@@ -1236,7 +1250,8 @@ def test_lrlora_float64_uses_the_direct_sum_and_passes_gradcheck():
     assert torch.autograd.gradcheck(lambda x: dropped(x), args[:1])
 
 
-def test_lrlora_table_adjoint_is_the_exact_gradient_of_the_table_path():
+@pytest.mark.parametrize("center", [False, True], ids=["literal", "centred"])
+def test_lrlora_table_adjoint_is_the_exact_gradient_of_the_table_path(center):
     """In float64 the table path's dL/dx, dL/da and dL/db are the exact derivatives of what it computes (the scatter
     is the adjoint of the lookup); dL/dA, dL/dB use the exact f' by design, so they are checked against Eq. 4 above."""
     import lrlora
@@ -1244,7 +1259,7 @@ def test_lrlora_table_adjoint_is_the_exact_gradient_of_the_table_path():
     layer = lrlora_moved(LRLoRALinear(nn.Linear(6, 5), r=2, grid_size=6)).double()
     A, B, g = layer.A.detach(), layer.B.detach(), layer.g
     fn = lambda x, a, beta: lrlora._MergedSincLinear.apply(x, layer.base.weight, layer.base.bias, A, B, a,
-                                                          F.softplus(beta), g, layer.scale)
+                                                          F.softplus(beta), g, layer.scale, center)
     args = [torch.randn(3, 6, dtype=torch.float64, requires_grad=True), layer.a.detach().clone().requires_grad_(),
             layer.beta.detach().clone().requires_grad_()]
     assert torch.autograd.gradcheck(fn, args)
@@ -1336,11 +1351,12 @@ def test_lrlora_dropout_path_is_base_plus_dropped_input_times_delta():
     assert lrlora_rel(layer(x), layer.base(x).double() + x.double() @ dW.T) < 1e-5
 
 
-def test_lrlora_merged_equals_unmerged_float32():
+@pytest.mark.parametrize("center", [False, True], ids=["literal", "centred"])
+def test_lrlora_merged_equals_unmerged_float32(center):
     torch.manual_seed(5)
     base = nn.Linear(48, 40)
     w0 = base.weight.detach().clone()
-    layer = lrlora_moved(LRLoRALinear(base, r=4)).eval()
+    layer = lrlora_moved(LRLoRALinear(base, r=4, center=center)).eval()
     x = torch.randn(9, 48)
     merged = layer.merged()
     assert torch.equal(base.weight, w0)  # the original is untouched
@@ -1370,6 +1386,99 @@ def test_lrlora_f_of_zero_is_an_all_ones_rank_one_term():
     dW = layer.delta_weight().detach()
     torch.testing.assert_close(dW.double(), torch.full((24, 32), layer.scale * float(f0), dtype=torch.float64), rtol=1e-6, atol=1e-7)
     assert abs(stable_rank(dW) - 1) < 1e-6
+
+
+def test_lrlora_centred_has_no_all_ones_term_and_is_the_literal_minus_f0():
+    """center=True: with B A = 0 (B = 0, a moved) dW is exactly 0, where the literal form gives scale f(0) 1 1^T; with
+    B A != 0 the centred dW is the literal dW less that all-ones term, entry by entry."""
+    torch.manual_seed(11)
+    lit = lrlora_moved(LRLoRALinear(nn.Linear(32, 24), r=4))
+    cen = LRLoRALinear(nn.Linear(32, 24), r=4, center=True)
+    cen.load_state_dict(lit.state_dict())
+    a, b, g = lit.a.detach().double(), F.softplus(lit.beta.detach().double()), lit.g.double()
+    f0 = lrlora_f_reference(torch.zeros((), dtype=torch.float64), a, lit.beta.detach().double(), g).item()
+    assert abs(f0) > 0.05  # a real all-ones term to remove
+    torch.testing.assert_close(cen.delta_weight().double(), lit.delta_weight().double() - lit.scale * f0, rtol=1e-5, atol=1e-6)
+    c64, l64 = copy.deepcopy(cen).double(), copy.deepcopy(lit).double()  # float64: the direct sum, the same relation
+    x64 = torch.randn(6, 32, dtype=torch.float64)
+    torch.testing.assert_close(c64(x64), l64(x64) - l64.scale * f0 * x64.sum(-1, keepdim=True), rtol=1e-10, atol=1e-10)
+    x = torch.randn(6, 32)
+    for layer in (lit, cen):
+        layer.B.data.zero_()
+    assert (cen.delta_weight() == 0).all() and torch.equal(cen(x), cen.base(x))  # the base layer, bit for bit
+    assert torch.allclose(lit.delta_weight().double(), torch.full((24, 32), lit.scale * f0, dtype=torch.float64), rtol=1e-6)
+    import lrlora
+    f0_, fp0 = lrlora.transfer_at_zero(a, b, g)  # the diagnostics' f(0) is the one Eq. 4 gives
+    assert abs(f0_.item() - f0) < 1e-12 and fp0.item() != 0
+
+
+def test_lrlora_a_init_identity_is_the_least_norm_a_with_f0_zero_and_slope_one():
+    import lrlora
+    layer = LRLoRALinear(nn.Linear(16, 12), r=4, center=True)
+    assert layer.a_init == "identity"  # the centred default
+    a, b, g = layer.a.detach().double(), F.softplus(layer.beta.detach().double()), layer.g.double()
+    f = lambda t: lrlora_f_reference(t, a, layer.beta.detach().double(), g)
+    eps = 1e-4  # f'(0) by a central difference of Eq. 4, independent of the layer's own sinc'
+    assert abs(f(torch.zeros((), dtype=torch.float64)).item()) < 1e-6
+    assert abs((f(torch.tensor(eps, dtype=torch.float64)) - f(torch.tensor(-eps, dtype=torch.float64))).item() / (2 * eps) - 1) < 1e-5
+    C = torch.stack(lrlora.basis_at_zero(b, g))
+    want = torch.linalg.pinv(C) @ torch.tensor([0.0, 1.0], dtype=torch.float64)  # least norm, by the pseudo-inverse
+    torch.testing.assert_close(a, want, rtol=1e-5, atol=1e-7)
+    assert torch.equal(LRLoRALinear(nn.Linear(16, 12), r=4).a, torch.zeros(50))  # literal: the paper's zero start
+
+
+def test_lrlora_centred_identity_start_gives_A_and_B_lora_gradient_at_once():
+    """From a with f'(0) = 1, B gets dL/dB = scale dL/dW A^T at the first step, as LoRA's B does; centred from a = 0
+    nothing would move (every gradient 0 at B A = 0), so that start is refused."""
+    torch.manual_seed(12)
+    base = nn.Linear(16, 12)
+    layer, lora = LRLoRALinear(base, r=4, center=True), LoRALinear(base, r=4, alpha=16)
+    lora.A.data.copy_(layer.A.data)
+    x = torch.randn(8, 16)
+    for m in (layer, lora):
+        (m(x) - 1).square().mean().backward()
+    torch.testing.assert_close(layer.B.grad, lora.B.grad, rtol=1e-4, atol=1e-7)
+    assert layer.a.grad.abs().max() == 0  # f(BA) - f(0) has no a-gradient at B A = 0
+    with pytest.raises(ValueError, match="stationary"):
+        LRLoRALinear(base, r=4, center=True, a_init="zero")
+
+
+@pytest.mark.parametrize("a_init", ["small", "random"])
+def test_lrlora_other_starts_of_a(a_init):
+    """Table 18's small start (every a_k = 0.1) and Table 3's random one: centred they start at the base layer; literal
+    they do not (scale f(0) on every entry at B = 0)."""
+    torch.manual_seed(13)
+    base = nn.Linear(16, 12)
+    x = torch.randn(5, 16)
+    cen, lit = LRLoRALinear(base, r=4, center=True, a_init=a_init), LRLoRALinear(base, r=4, a_init=a_init)
+    assert (cen.a == 0.1).all() if a_init == "small" else 0.05 < cen.a.std() < 0.2
+    assert torch.equal(cen(x), base(x)) and not torch.allclose(lit(x), base(x))
+    with pytest.raises(ValueError, match="a_init"):
+        LRLoRALinear(base, r=4, a_init="ones")
+
+
+def test_lrlora_train_flags_choose_the_form_and_the_start():
+    args = lambda *f: train.parse_args(["--adapter", "lrlora", *f])
+    assert train.adapter_kwargs("lrlora", args())["center"] is True  # the study's better form is train.py's default
+    assert train.adapter_kwargs("lrlora", args("--no-lrlora-center"))["center"] is False
+    assert train.adapter_kwargs("lrlora", args("--lrlora-init", "small"))["a_init"] == "small"
+    with pytest.raises(train.UserError, match="--lrlora-center does not apply to --adapter lora"):
+        train.adapter_kwargs("lora", train.parse_args(["--adapter", "lora", "--lrlora-center"]))
+
+
+def test_lrlora_transfer_point_reports_f0_slope_and_span_over_modules():
+    torch.manual_seed(14)
+    mods = {"l0.q_proj": lrlora_moved(LRLoRALinear(nn.Linear(12, 10), r=2), seed=1),
+            "l1.q_proj": lrlora_moved(LRLoRALinear(nn.Linear(12, 10), r=2), seed=2), "lora": LoRALinear(nn.Linear(4, 4))}
+    got = diagnostics.transfer_point(mods)
+    f0s = [lrlora_f_reference(torch.zeros((), dtype=torch.float64), m.a.detach().double(), m.beta.detach().double(),
+                              m.g.double()).item() for m in list(mods.values())[:2]]
+    spans = [(lambda M: (M.max() - M.min()).item())(m.B.detach() @ m.A.detach()) for m in list(mods.values())[:2]]
+    assert got["f0"]["min"] == pytest.approx(min(f0s), rel=1e-5) and got["f0"]["max"] == pytest.approx(max(f0s), rel=1e-5)
+    assert got["ba_span"]["mean"] == pytest.approx(sum(spans) / 2, rel=1e-5)
+    assert diagnostics.transfer_point({"lora": LoRALinear(nn.Linear(4, 4))}) == {}
+    lines = diagnostics.rank_lines(diagnostics.rank_report(dict(list(mods.items())[:2])), "t")
+    assert any(l.strip().startswith("f(0)") for l in lines) and any("span of B A" in l for l in lines)
 
 
 def test_lrlora_stable_rank_matches_numpy():
