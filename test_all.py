@@ -3523,7 +3523,8 @@ def test_plot_spectra_are_the_singular_values_of_each_modules_dW():
     fig = plots.figure(model, adapters, batches)
     for n, m in adapters.items():
         _, s = plot_data(fig, f"spectrum:{n}")
-        np.testing.assert_allclose(s, np.linalg.svd(m.delta_weight().detach().double().numpy(), compute_uv=False)[:64], rtol=1e-4, atol=1e-6)
+        want = np.linalg.svd(m.delta_weight().detach().double().numpy(), compute_uv=False)[:64]
+        np.testing.assert_allclose(s, want, rtol=1e-4, atol=1e-6 * want[0])  # below r: float32 noise, ~eps * sigma_1
     plt.close(fig)
 
 
