@@ -455,6 +455,21 @@ def test_pretraining_is_cached_once_and_resumes_exactly(tmp_path, tiny_text, mon
     assert "pretraining the built-in GPT" not in capsys.readouterr().out
 
 
+def test_two_commands_on_a_fresh_cache_pretrain_once(tmp_path, tiny_text):
+    """Started together, two train.py runs on an empty cache: one pretrains, the other waits for its base (a lock),
+    then both fine-tune on the same cached file; nothing half-written is left."""
+    cache, env = tmp_path / "cache", {**os.environ, "OMP_NUM_THREADS": "1", "NONLINEAR_LORA_CACHE": str(tmp_path / "cache")}
+    argv = [*FAST, "--base-steps", "60", "--data", tiny_text, "--skip", "sample,plot"]
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), "--adapter", "lora", *argv, "--out-dir", str(tmp_path / f"o{i}")],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for i in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert sum("pretraining the built-in GPT" in log for log in logs) == 1, logs
+    assert [f.name for f in cache.iterdir() if f.suffix == ".pt"] and not [f for f in cache.iterdir() if ".tmp" in f.name or f.suffix == ".ckpt"]
+    m = [json.load(open(tmp_path / f"o{i}" / "lora" / "metrics.json")) for i in range(2)]
+    assert m[0]["val_loss_before"] == m[1]["val_loss_before"]  # the same base
+
+
 def test_pretraining_estimate_is_the_time_measured_here(tmp_path, monkeypatch, capsys):
     """The announced pretraining time comes from steps timed on this machine, not a constant (it said 1.5 min for a
     2:35 run): training steps slowed to 0.5 s here are announced as about what the pretraining then takes. A tiny GPT."""
@@ -487,7 +502,8 @@ def run_in_process(argv, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "short", "adapter", "target", "no-target", "nomatch", "rank", "rank-genlora", "flag",
-                                  "corrupt", "lr", "block", "device", "prompt", "finished", "init-from", "bad-int"])
+                                  "corrupt", "lr", "block", "device", "prompt", "finished", "init-from", "bad-int", "alpha", "twice",
+                                  "garbage-adapter"])
 def test_train_bad_input_is_one_clear_line_before_any_work(tmp_path, tiny_text, case, capsys, monkeypatch, train_cache):
     monkeypatch.setenv("NONLINEAR_LORA_CACHE", train_cache)
     empty, short = tmp_path / "empty.txt", tmp_path / "short.txt"
@@ -512,7 +528,12 @@ def test_train_bad_input_is_one_clear_line_before_any_work(tmp_path, tiny_text, 
         "finished": (["--adapter", "lora"], "--overwrite"),
         "init-from": (["--adapter", "lora", "--init-from", str(tmp_path)], "--init-from"),
         "bad-int": (["--adapter", "lora", "--steps", "many"], "--steps"),
+        "alpha": (["--adapter", "lora", "--alpha", "-3"], "--alpha -3: must be above 0"),
+        "twice": (["--adapter", "lora,LoRA"], "lora is named twice"),
+        "garbage-adapter": (["--rank-report", str(tmp_path / "adapter.pt")], "adapter.pt: not a readable adapter file (torch: "),
     }[case]
+    if case == "garbage-adapter":  # torch's own message for it runs on past 100 characters: ours ends at a word
+        (tmp_path / "adapter.pt").write_bytes(b"PK\x03\x04 garbage " * 50)
     if case == "corrupt":  # an interrupted run's checkpoint that was damaged on disk
         (tmp_path / "lora").mkdir()
         (tmp_path / "lora" / "ckpt.pt").write_bytes(b"not a checkpoint")
@@ -523,6 +544,13 @@ def test_train_bad_input_is_one_clear_line_before_any_work(tmp_path, tiny_text, 
     status, err = run_in_process([*FAST, "--out-dir", str(tmp_path), *data, *argv], capsys, monkeypatch)
     lines = err.strip().splitlines()
     assert status == 2 and len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (status, err)
+    if case == "garbage-adapter":
+        with pytest.raises(Exception) as torch_error:
+            torch.load(tmp_path / "adapter.pt", weights_only=True)
+        full = str(torch_error.value).splitlines()[0]
+        kept = lines[0].split("(torch: ", 1)[1].removesuffix(")").removesuffix(" ...")
+        assert len(full) > 100 and len(kept) <= 100 and " ".join(full.split()).startswith(kept), (full, kept)
+        assert " ".join(full.split())[len(kept)] == " "  # cut between two words, not inside one
 
 
 def test_train_command_line_mistakes_are_one_line_in_a_subprocess(tmp_path):
@@ -558,7 +586,7 @@ def test_train_short_runs_evaluate_at_most_every_15_steps():
 
 
 @pytest.mark.parametrize("given, names", [("GenLoRA", ["genlora"]), ("LR-LoRA", ["lrlora"]), ("lr_lora", ["lrlora"]), ("LoRA", ["lora"]),
-                                          ("AuroRA, RanLoRA", ["aurora", "ranlora"]), ("lora,LoRA", ["lora"]), ("ALL", list(train.ADAPTERS))])
+                                          ("AuroRA, RanLoRA", ["aurora", "ranlora"]), ("ALL", list(train.ADAPTERS))])
 def test_train_adapter_names_in_any_case(given, names):
     """--adapter takes the methods' names as the README spells them (GenLoRA, LR-LoRA); outputs go to the lower-case key."""
     assert train.parse_args(["--adapter", given, "--device", "cpu"]).names == names

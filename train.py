@@ -24,6 +24,7 @@ import math
 import os
 import signal
 import sys
+import textwrap
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -174,7 +175,10 @@ def parse_args(argv=None):
     args.names = [adapter_key(n) for n in args.adapter.split(",") if n.strip()] or [adapter_key(args.adapter)]
     if "all" in args.names and len(args.names) > 1:
         raise UserError(f"--adapter {args.adapter}: 'all' already trains every adapter; give it alone, or a list of names")
-    args.names = list(ADAPTERS) if args.names == ["all"] else list(dict.fromkeys(args.names))  # lora,LoRA: one run
+    twice = next((n for i, n in enumerate(args.names) if n in args.names[:i]), None)
+    if twice:
+        raise UserError(f"--adapter {args.adapter}: {twice} is named twice")
+    args.names = list(ADAPTERS) if args.names == ["all"] else args.names
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     kind, _, index = args.device.partition(":")
@@ -189,6 +193,8 @@ def parse_args(argv=None):
               "grid_size"):  # counts: checked as given, before a default replaces a None (an `x or default` would swallow 0)
         if getattr(args, k) is not None and getattr(args, k) < 1:
             raise UserError(f"--{'rank' if k == 'r' else k.replace('_', '-')} {getattr(args, k)}: must be at least 1")
+    if args.alpha is not None and not 0 < args.alpha < math.inf:
+        raise UserError(f"--alpha {args.alpha:g}: must be above 0 (scale = alpha / rank)")
     if args.block_size is None:
         args.block_size = 256 if args.init_from else 128
     if args.batch_size is None:
@@ -316,8 +322,9 @@ def base_skeleton(args):
 def load_checkpoint(path, what):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, corrupt or not a checkpoint at all
-        raise UserError(f"{path}: not a readable {what} ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    except Exception as e:  # truncated, corrupt or not a checkpoint at all: torch's first line, cut at a word boundary
+        reason = textwrap.shorten(str(e).splitlines()[0] if str(e) else type(e).__name__, 100, placeholder=" ...")
+        raise UserError(f"{path}: not a readable {what} (torch: {reason})")
 
 
 def load_base(args):
@@ -328,7 +335,10 @@ def load_base(args):
     except (ValueError, OSError) as e:
         raise UserError(f"--init-from {args.init_from}: {e}")
     if not os.path.exists(args.base_path) and RANK == 0:
-        pretrain_gpt(args)
+        # two commands started together on a fresh cache: the second waits for the first's base instead of pretraining too
+        with file_lock(args.base_path + ".lock", lambda: log(f"waiting for another process pretraining {args.base_path}")):
+            if not os.path.exists(args.base_path):
+                pretrain_gpt(args)
     if DISTRIBUTED:
         torch.distributed.barrier()  # the other processes wait for rank 0's cache
     ckpt = load_checkpoint(args.base_path, "cached base model; delete it to pretrain again")
@@ -523,6 +533,29 @@ def schedule(name, args):
         return WARMUP, "cosine"
     w = ADAPTERS[name].llm_warmup
     return max(1, min(round(w * args.steps if w < 1 else w), args.steps // 10)), "linear"
+
+
+@contextlib.contextmanager
+def file_lock(path, waiting=lambda: None):
+    """One process at a time inside: an exclusive lock on the file at path (created if need be), waited for, released
+    when the block ends or the process dies. waiting() is called once if another process holds it. Where the
+    platform has no fcntl (Windows), no lock: two processes started together may then both do the work."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            waiting()
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def atomic_save(obj, path):
