@@ -1878,7 +1878,7 @@ def test_aurora_self_contained_copy(tmp_path):
 
 # ----------------------------------------------------------------------------------------------
 # RanLoRA
-# Tests for ranlora.py (RanLoRA, ranlora.md §3). Run: python -m pytest -q test_all.py -k ranlora
+# Tests for ranlora.py (RanLoRA: "Residual-Aware Nonlinear LoRA", Luo et al., 2026, §3). Run: python -m pytest -q test_all.py -k ranlora
 #
 # References are independent of the module: float64 SVDs and GELU written out here, the original
 # nn.Linear kept untouched, and the paper's parameter formula r(in + out) + r (§3.5).

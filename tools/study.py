@@ -15,7 +15,6 @@ line; --retry-failed runs those again); an interrupted run resumes from its chec
 command again to continue; once everything is done it prints the table without training. A change of the train.py
 flags under the same OUT is refused (the runs would not be comparable).
 """
-import argparse
 import json
 import math
 import os
