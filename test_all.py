@@ -31,6 +31,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import adapt
 import bench
+import checkpoints
 import nanogpt_model as M
 import data
 import diagnostics
@@ -2410,7 +2411,8 @@ def test_adapter_defaults_fit_small_and_non_square_layers(cls, widths):
 
 # ----------------------------------------------------------------------------------------------
 # LLaMA architecture, loader, tokenizers, real weights
-# Tests of nanogpt_model.py's LLaMA section against references it does not share code with:
+# Tests of the LLaMA code (nanogpt_model.py, checkpoints.py, llama_tokenizer.py) against references
+# it does not share code with:
 # HF transformers' LlamaForCausalLM (logits), the safetensors library (file format), Meta's
 # llama-models package (the real LLaMA-3 tokenizer file and its reference Tokenizer), and RoPE
 # written here in Meta's complex-number form (the q/k permutation).
@@ -3625,7 +3627,7 @@ def test_export_bf16_base_keeps_its_dtype_shards_and_copies_the_tokenizer(llama_
     save_file({k: v.bfloat16() for k, v in load_file(base / "model.safetensors").items()}, base / "model.safetensors", metadata={"format": "pt"})
     (base / "tokenizer.json").write_text('{"a tokenizer": "copied as it is"}')
     model, adapters = export_adapter_pt(base, tmp_path / "adapter.pt", "lora", {}, model=M.load_llama(base, dtype=torch.float32))
-    monkeypatch.setattr(M, "SHARD_BYTES", 20_000)
+    monkeypatch.setattr(checkpoints, "SHARD_BYTES", 20_000)  # where write_hf_weights reads it
     assert train.main(["--init-from", str(base), "--export", str(tmp_path / "adapter.pt"), str(tmp_path / "out"), "--device", "cpu"]) == 0
     out = tmp_path / "out"
     assert (out / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
@@ -3741,7 +3743,7 @@ def test_export_failure_midway_leaves_nothing(llama_hf_dirs, tmp_path, monkeypat
         Path(path).write_bytes(b"half a file")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(M, "write_safetensors", disk_full)
+    monkeypatch.setattr(checkpoints, "write_safetensors", disk_full)  # export.py and write_hf_weights call it there
     with pytest.raises(OSError, match="No space left"):
         train.main(["--init-from", str(base), "--export", str(tmp_path / "adapter.pt"), str(tmp_path / "out"), "--device", "cpu"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.pt"]
