@@ -150,9 +150,18 @@ def load_llama(path, device="cpu", dtype=None):
     return _assemble(cfg, tensors, names, root, device, dtype)
 
 
-def _read_hf(root):
+def read_json(path):
+    """A config file's JSON; broken JSON -> ValueError naming the file, as the loader's other errors do."""
     try:
-        cfg = LLaMAConfig.from_hf(json.loads((root / "config.json").read_text()))
+        return json.loads(Path(path).read_text())
+    except ValueError as e:  # UnicodeDecodeError too
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _read_hf(root):
+    spec = read_json(root / "config.json")
+    try:
+        cfg = LLaMAConfig.from_hf(spec)
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{root / 'config.json'}: {e if isinstance(e, ValueError) else f'bad or missing key {e}'}") from None
     raw = read_hf_weights(root)
@@ -256,10 +265,7 @@ def _read_meta(root):
         assert isinstance(raw, dict) and all(isinstance(t, torch.Tensor) for t in raw.values())
     except Exception as e:  # weights_only: never unpickles code; anything odd is reported, not run
         raise ValueError(f"{shards[0]}: not a state dict of tensors ({type(e).__name__}: {e})") from None
-    try:
-        params = json.loads((root / "params.json").read_text())
-    except ValueError as e:
-        raise ValueError(f"{root / 'params.json'}: not valid JSON ({e})") from None
+    params = read_json(root / "params.json")
     if "tok_embeddings.weight" not in raw:
         raise ValueError(f"{shards[0]}: tensor tok_embeddings.weight is missing")
     try:

@@ -2732,6 +2732,26 @@ def test_llama_loader_errors(llama_hf_dirs, tmp_path):
         M.load_llama(tmp_path / "meta2")
 
 
+def test_llama_broken_config_json_names_the_file(tmp_path, capsys, monkeypatch, train_cache):
+    """A config.json (HF) or params.json (Meta) that is not JSON: load_llama's error names the file, and so does
+    train.py's one line (its first look at --init-from, which reads the config before any weights)."""
+    monkeypatch.setenv("NONLINEAR_LORA_CACHE", train_cache)
+    for name in ("config.json", "params.json"):
+        d = tmp_path / name.removesuffix(".json")
+        d.mkdir()
+        (d / name).write_text('{"vocab_size": 10,')
+        if name == "params.json":
+            torch.save({}, d / "consolidated.00.pth")  # the Meta loader reads params.json after finding its shard
+        with pytest.raises(ValueError) as parser:
+            json.loads((d / name).read_text())
+        problem = f"{d / name}: not valid JSON ({parser.value})"  # the file, then the parser's reason
+        with pytest.raises(ValueError) as e:
+            M.load_llama(d)
+        assert str(e.value) == problem
+        status, err = run_in_process(["--adapter", "lora", "--init-from", str(d), *FAST, "--out-dir", str(tmp_path / "out")], capsys, monkeypatch)
+        assert status == 2 and err.strip().splitlines() == [f"error: --init-from {d}: {problem}"], (status, err)
+
+
 # ----------------------------------------------------------------------------------------------
 # memory: a bf16 checkpoint stays bf16 and is not copied
 
