@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
-import nanogpt_model
+import checkpoints
 from lora import LoRALinear
 
 # copied from BASE where present: what transformers' tokenizers and generate() read next to the weights
@@ -68,7 +68,7 @@ def export(adapters, base_dir, out_dir):
     merged() rounds once, to the checkpoint's dtype). Returns the files written. Everything goes to a temporary
     directory next to out_dir, renamed at the end: a failure leaves nothing half-written."""
     base, out = Path(base_dir), Path(out_dir).resolve()  # resolved: a name to put the temporary directory next to
-    raw = nanogpt_model.read_hf_weights(base)  # mapped from the files: each tensor is read when it is written
+    raw = checkpoints.read_hf_weights(base)  # mapped from the files: each tensor is read when it is written
     hf_name = {n.removeprefix("model."): n for n in raw}  # our module names are HF's without the "model." prefix
     tensors = dict(raw)
     for name, a in adapters.items():  # only the adapted weights change; biases, norms, embeddings stay the base's bytes
@@ -79,7 +79,7 @@ def export(adapters, base_dir, out_dir):
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        files = nanogpt_model.write_hf_weights(tmp, tensors)  # sharded past nanogpt_model.SHARD_BYTES
+        files = checkpoints.write_hf_weights(tmp, tensors)  # sharded past checkpoints.SHARD_BYTES
         for f in ("config.json", *TOKENIZER_FILES):  # the base's config, its dtype included: the tensors keep it
             if (base / f).is_file():
                 shutil.copyfile(base / f, tmp / f)
@@ -88,7 +88,7 @@ def export(adapters, base_dir, out_dir):
             (tmp / "peft").mkdir()
             config, lora = peft_lora(adapters, hf_name, base)
             (tmp / "peft" / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-            nanogpt_model.write_safetensors(tmp / "peft" / "adapter_model.safetensors", lora, metadata={"format": "pt"})
+            checkpoints.write_safetensors(tmp / "peft" / "adapter_model.safetensors", lora, metadata={"format": "pt"})
             files += ["peft/adapter_config.json", "peft/adapter_model.safetensors"]
         if out.exists():
             out.rmdir()  # empty: check() refused any other

@@ -31,6 +31,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import adapt
 import bench
+import checkpoints
 import nanogpt_model as M
 import data
 import diagnostics
@@ -2438,7 +2439,8 @@ def test_adapter_defaults_fit_small_and_non_square_layers(cls, widths):
 
 # ----------------------------------------------------------------------------------------------
 # LLaMA architecture, loader, tokenizers, real weights
-# Tests of nanogpt_model.py's LLaMA section against references it does not share code with:
+# Tests of the LLaMA code (nanogpt_model.py, checkpoints.py, llama_tokenizer.py) against references
+# it does not share code with:
 # HF transformers' LlamaForCausalLM (logits), the safetensors library (file format), Meta's
 # llama-models package (the real LLaMA-3 tokenizer file and its reference Tokenizer), and RoPE
 # written here in Meta's complex-number form (the q/k permutation).
@@ -2756,6 +2758,26 @@ def test_llama_loader_errors(llama_hf_dirs, tmp_path):
         torch.save({}, tmp_path / "meta2" / f"consolidated.0{i}.pth")
     with pytest.raises(ValueError, match="2 model-parallel shards"):
         M.load_llama(tmp_path / "meta2")
+
+
+def test_llama_broken_config_json_names_the_file(tmp_path, capsys, monkeypatch, train_cache):
+    """A config.json (HF) or params.json (Meta) that is not JSON: load_llama's error names the file, and so does
+    train.py's one line (its first look at --init-from, which reads the config before any weights)."""
+    monkeypatch.setenv("NONLINEAR_LORA_CACHE", train_cache)
+    for name in ("config.json", "params.json"):
+        d = tmp_path / name.removesuffix(".json")
+        d.mkdir()
+        (d / name).write_text('{"vocab_size": 10,')
+        if name == "params.json":
+            torch.save({}, d / "consolidated.00.pth")  # the Meta loader reads params.json after finding its shard
+        with pytest.raises(ValueError) as parser:
+            json.loads((d / name).read_text())
+        problem = f"{d / name}: not valid JSON ({parser.value})"  # the file, then the parser's reason
+        with pytest.raises(ValueError) as e:
+            M.load_llama(d)
+        assert str(e.value) == problem
+        status, err = run_in_process(["--adapter", "lora", "--init-from", str(d), *FAST, "--out-dir", str(tmp_path / "out")], capsys, monkeypatch)
+        assert status == 2 and err.strip().splitlines() == [f"error: --init-from {d}: {problem}"], (status, err)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3132,6 +3154,23 @@ def test_tokenizer_json_from_transformers_5_17_is_the_same_tokenizer(tmp_path):
     (tmp_path / "sp.json").write_text(json.dumps(sp))
     with pytest.raises(ValueError, match="not plain byte-level BPE"):
         M.load_tokenizer(tmp_path / "sp.json")
+
+
+def test_tokenizer_json_with_a_negative_id_is_refused(tmp_path):
+    """A vocab (or added token) id below 0 would be encoded as an id outside the vocabulary: refused, naming the file and token."""
+    for where in ("vocab", "added"):
+        spec = smollm2_shaped_tokenizer_json("5.24")
+        if where == "vocab":
+            spec["model"]["vocab"]["Ġthe"] = -3
+        else:
+            spec["added_tokens"][0]["id"] = -1
+        path = tmp_path / where / "tokenizer.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps(spec))
+        token = "Ġthe" if where == "vocab" else "<|endoftext|>"
+        with pytest.raises(ValueError, match=re.escape(f"{path}: not a supported tokenizer (token '{token}' has id {-3 if where == 'vocab' else -1}: "
+                                                       "ids must be non-negative integers)")):
+            M.load_tokenizer(path.parent)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3653,7 +3692,7 @@ def test_export_bf16_base_keeps_its_dtype_shards_and_copies_the_tokenizer(llama_
     save_file({k: v.bfloat16() for k, v in load_file(base / "model.safetensors").items()}, base / "model.safetensors", metadata={"format": "pt"})
     (base / "tokenizer.json").write_text('{"a tokenizer": "copied as it is"}')
     model, adapters = export_adapter_pt(base, tmp_path / "adapter.pt", "lora", {}, model=M.load_llama(base, dtype=torch.float32))
-    monkeypatch.setattr(M, "SHARD_BYTES", 20_000)
+    monkeypatch.setattr(checkpoints, "SHARD_BYTES", 20_000)  # where write_hf_weights reads it
     assert train.main(["--init-from", str(base), "--export", str(tmp_path / "adapter.pt"), str(tmp_path / "out"), "--device", "cpu"]) == 0
     out = tmp_path / "out"
     assert (out / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
@@ -3769,7 +3808,7 @@ def test_export_failure_midway_leaves_nothing(llama_hf_dirs, tmp_path, monkeypat
         Path(path).write_bytes(b"half a file")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(M, "write_safetensors", disk_full)
+    monkeypatch.setattr(checkpoints, "write_safetensors", disk_full)  # export.py and write_hf_weights call it there
     with pytest.raises(OSError, match="No space left"):
         train.main(["--init-from", str(base), "--export", str(tmp_path / "adapter.pt"), str(tmp_path / "out"), "--device", "cpu"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.pt"]

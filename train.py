@@ -40,6 +40,7 @@ import diagnostics
 import export
 import plots
 import task
+from checkpoints import read_json
 from nanogpt_model import GPT, LLaMA, ByteTokenizer, GPTConfig, LLaMAConfig, generate, load_llama, load_tokenizer
 
 
@@ -311,8 +312,8 @@ def base_skeleton(args):
     try:
         if not os.path.isfile(hf) and not any(map(os.path.isfile, metas)):
             raise ValueError("not a directory with config.json (HF) or params.json (Meta)")
-        cfg = (LLaMAConfig.from_hf(json.load(open(hf))) if os.path.isfile(hf) else  # the vocabulary shapes no target:
-               LLaMAConfig.from_meta(json.load(open(next(filter(os.path.isfile, metas)))), vocab_size=1))
+        cfg = (LLaMAConfig.from_hf(read_json(hf)) if os.path.isfile(hf) else  # the vocabulary shapes no target:
+               LLaMAConfig.from_meta(read_json(next(filter(os.path.isfile, metas))), vocab_size=1))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"--init-from {args.init_from}: {e}")
     with torch.device("meta"):
