@@ -99,7 +99,8 @@ def _fused(fn):
 
 class AuroRALinear(nn.Module):
     exact_merge: bool  # set per instance: True for mode="static", False for mode="dynamic"
-    fused = True  # on CUDA, forward's sigma runs as torch.compile'd kernels (anl_cast): the same math, fewer launches
+    fused = True  # on CUDA, training's sigma runs as torch.compile'd kernels (anl_cast): the same math, fewer launches
+    # (not under no_grad, where sampling's growing lengths would recompile per shape)
 
     def __init__(self, base: nn.Linear, r: int = 2, alpha: float = None, dropout: float = 0.0,
                  mode: str = "dynamic", fixed: bool = True, learnable: bool = True, fixed_activation: str = "tanh"):
@@ -144,7 +145,7 @@ class AuroRALinear(nn.Module):
         h = self.base(x2)
         x_, dt, ct = self.dropout(x2), h.dtype, torch.promote_types(x.dtype, torch.float32)
         H, W_s = (self.H if self.fixed else None), (self.W_s if self.learnable else None)
-        sigma = _fused(anl_cast) if self.fused and x.is_cuda else lambda z, *a: anl(z.to(ct), *a[:3]).to(dt)
+        sigma = _fused(anl_cast) if self.fused and x.is_cuda and torch.is_grad_enabled() else lambda z, *a: anl(z.to(ct), *a[:3]).to(dt)
         if self.mode == "dynamic":
             u = sigma(F.linear(x_, self.A.to(dt)), H, W_s, self.act, ct, dt)  # sigma(A x): input-dependent, Eq. 4
         else:

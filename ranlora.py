@@ -90,7 +90,8 @@ def _fused(fn):
 
 class RanLoRALinear(nn.Module):
     exact_merge = False  # for the default GELU; each instance sets it from its activation
-    fused = True  # on CUDA, forward's v ⊙ GELU runs as torch.compile'd kernels (modulate): the same math, fewer launches
+    fused = True  # on CUDA, training's v ⊙ GELU runs as torch.compile'd kernels (modulate): the same math, fewer launches
+    # (not under no_grad, where sampling's growing lengths would recompile per shape)
 
     def __init__(self, base: nn.Linear, r: int = 2, alpha: float = None, dropout: float = 0.0, activation: str = "gelu",
                  modulation: bool = True, init: str = "residual"):
@@ -156,7 +157,7 @@ class RanLoRALinear(nn.Module):
         h = self.base(x2)  # W_P x; s B (v ⊙ GELU(A x)) is added into it in place (addmm_, beta = 1, alpha = s)
         dt, ct = h.dtype, torch.promote_types(x.dtype, torch.float32)
         z = F.linear(self.dropout(x2), self.A.to(dt))  # A x
-        gate = _fused(modulate) if self.fused and x.is_cuda else modulate  # compiled on CUDA: one kernel a pass
+        gate = _fused(modulate) if self.fused and x.is_cuda and torch.is_grad_enabled() else modulate  # compiled: training
         h.addmm_(gate(z, self.v, self.act, ct, dt), self.B.to(dt).T, alpha=self.scale)  # W_P x + s B (v ⊙ GELU(A x)) (Eq. 8)
         return h.view(*x.shape[:-1], -1)
 
