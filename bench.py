@@ -390,7 +390,7 @@ def main(argv=None):
     med = {v.name: statistics.median(v.times) for v in variants}
     rows = {}
     for v in variants:
-        lora, floor = ("peft", "hf_floor") if v.name in ("peft", "hf_floor") else ("lora", "floor")
+        floor = "hf_floor" if v.name in ("peft", "hf_floor") else "floor"  # HF's rows: vs our LoRA, and vs HF's own floor
         rows[v.name] = {"ms_step": 1e3 * med[v.name], "ms_min": 1e3 * min(v.times), "ms_max": 1e3 * max(v.times),
                         "peak_mem_bytes": v.peak, "trainable_params": v.trainable, "first_step_s": v.first_s,
                         "step_vs_lora": ratio(med[v.name], med.get("lora")),
@@ -402,7 +402,7 @@ def main(argv=None):
         if args.cuda_graph:
             gmed = {u.name: statistics.median(u.graph_times) for u in variants if u.graph_times}
             g = gmed.get(v.name)
-            rows[v.name].update(graph_ms_step=g and 1e3 * g, graph_error=v.graph_error, graph_vs_lora=ratio(g, gmed.get(lora)),
+            rows[v.name].update(graph_ms_step=g and 1e3 * g, graph_error=v.graph_error, graph_vs_lora=ratio(g, gmed.get("lora")),
                                 graph_vs_floor=ratio(g, gmed.get(floor)), eager_vs_graph=ratio(med[v.name], g))
     results["steps"] = rows
 
