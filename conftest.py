@@ -251,5 +251,14 @@ def llama_smollm2_models(llama_smollm2_dir):
 
 
 
+@pytest.fixture(scope="session")
+def all_run(tmp_path_factory, tiny_text, train_cache):
+    """train.py --adapter all on the FAST settings, in a subprocess, once for the comparison test (tests/test_train.py) and
+    the figure tests (tests/test_plots.py): (output folder, what the run printed)."""
+    out = tmp_path_factory.mktemp("all_run")
+    r = run_train("--adapter", "all", "--data", tiny_text, "--out-dir", str(out), *FAST, cache=train_cache)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r.stdout + r.stderr
+
 # the helpers `from conftest import *` gives the test files (fixtures are found by pytest, not imported)
 __all__ = ['VOCAB', 'LAYERS', 'T', 'HERE', 'tiny_gpt', 'randomize_', 'FAST', 'run_train', 'adapter_weights', 'run_in_process', 'adapter_randomize_', 'llama_optional', 'llama_needs_hf', 'llama_needs_st', 'llama_needs_llama_models', 'LLAMA_LLAMA3_ROPE', 'LLAMA_CONFIGS', 'llama_hf_model', 'llama_tokens', 'llama_assert_close_rel', 'llama_hf_to_meta_rows', 'llama_write_meta', 'llama_meta_shaped_hf', 'llama_pydoc_text']

@@ -300,6 +300,7 @@ def test_aurora_only_adapter_trains_and_loss_falls():
     assert losses[-1] < 0.9 * losses[0]
 
 
+@pytest.mark.slow
 def test_aurora_self_contained_copy(tmp_path):
     shutil.copy(os.path.join(HERE, "aurora.py"), tmp_path)
     script = textwrap.dedent("""

@@ -154,6 +154,7 @@ LLAMA__MEMORY_CHILD = textwrap.dedent("""
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc for RssAnon")
 @llama_needs_hf
+@pytest.mark.slow
 def test_llama_bf16_load_is_one_mapped_copy(llama_hf_dirs, tmp_path):
     """RssAnon counts private memory (copies, conversions) but not file pages mapped from the page cache.
     Loading a 66 MB bf16 checkpoint and running it must add well under one copy of private memory; loading

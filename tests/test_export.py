@@ -265,6 +265,7 @@ def test_export_failure_midway_leaves_nothing(llama_hf_dirs, tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("name", ["lora", "ranlora"])  # mergeable, and not (RanLoRA's GELU stays at inference)
+@pytest.mark.slow
 def test_generate_from_a_saved_adapter_prints_what_training_sampled(tmp_path, tiny_text, in_process, capsys, name):
     """--generate on a saved adapter.pt = the sample the training run took from the model in memory, same prompt and seed."""
     sampling = ["--prompt", "def ", "--sample-tokens", "40", "--seed", "3"]

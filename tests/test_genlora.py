@@ -348,6 +348,7 @@ def test_genlora_state_dict_round_trip_reproduces_outputs(tmp_path):
     assert torch.equal(m2(x), m(x))
 
 
+@pytest.mark.slow
 def test_genlora_file_works_copied_alone(tmp_path):
     """The adapter file, alone in an empty folder, trains and merges a toy model."""
     shutil.copy(os.path.join(HERE, "genlora.py"), tmp_path)

@@ -192,6 +192,7 @@ def test_llama_meta_permutation_against_complex_rope(tmp_path):
 LLAMA_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of"]
 
 
+@pytest.mark.slow
 def test_llama_smollm2_logits_equal_transformers(llama_smollm2_models, llama_smollm2_dir):
     ours, hf = llama_smollm2_models
     assert (ours.config.num_hidden_layers, ours.config.hidden_size, ours.config.num_attention_heads,
@@ -203,6 +204,7 @@ def test_llama_smollm2_logits_equal_transformers(llama_smollm2_models, llama_smo
         llama_assert_close_rel(ours(idx), hf(idx).logits, 1e-4)
 
 
+@pytest.mark.slow
 def test_llama_smollm2_greedy_continuations_equal_transformers(llama_smollm2_models, llama_smollm2_dir):
     ours, hf = llama_smollm2_models
     tk = M.load_tokenizer(llama_smollm2_dir)

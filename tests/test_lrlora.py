@@ -550,6 +550,7 @@ print((kib("VmHWM") - before) / (n * n * 4 / 1024))
 
 
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc peak-RSS reset")
+@pytest.mark.slow
 def test_lrlora_peak_memory_of_forward_backward_is_a_few_dense_matrices():
     # glibc mmaps every block over 64 KiB and unmaps it on free, so the peak resident size is the peak of live tensors
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1", PYTHONPATH=LRLORA_HERE)
@@ -573,6 +574,7 @@ def test_lrlora_state_dict_round_trip():
     assert torch.equal(fresh(x), layer(x))
 
 
+@pytest.mark.slow
 def test_lrlora_self_contained_copy_trains_and_merges(tmp_path):
     shutil.copy(os.path.join(LRLORA_HERE, "lrlora.py"), tmp_path)
     script = textwrap.dedent("""

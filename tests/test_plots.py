@@ -54,15 +54,6 @@ from tests.test_genlora import genlora_reference_factors
 # Run: python -m pytest -q test_all.py -k plot
 
 
-@pytest.fixture(scope="module")
-def plot_run(tmp_path_factory, tiny_text, train_cache):
-    """--adapter all on the FAST settings, once for the figure tests: (output folder, what the run printed)."""
-    out = tmp_path_factory.mktemp("plot_run")
-    r = run_train("--adapter", "all", "--data", tiny_text, "--out-dir", str(out), *FAST, cache=train_cache)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out, r.stdout + r.stderr
-
-
 def plot_lines_when_saved(monkeypatch):
     """{gid: y data} of every line of each figure plots.save writes, in order: what was drawn, read before it is a PNG."""
     drawn, real = [], plots.save
@@ -75,13 +66,14 @@ def plot_lines_when_saved(monkeypatch):
     return drawn
 
 
-def test_plot_learned_png_after_training_and_again_from_the_saved_adapter(plot_run, tiny_text, in_process, capsys, monkeypatch):
+@pytest.mark.slow
+def test_plot_learned_png_after_training_and_again_from_the_saved_adapter(all_run, tiny_text, in_process, capsys, monkeypatch):
     """--plot draws the adapter saved in the file: its dW spectra are the ones the training run measured on the trained
     adapters (metrics.json), and RanLoRA's v (no weight-space dW) is the file's v."""
     pytest.importorskip("matplotlib")
     from PIL import Image
 
-    out, printed = plot_run
+    out, printed = all_run
     drawn = plot_lines_when_saved(monkeypatch)
     for name in train.ADAPTERS:
         png = out / name / plots.FIGURE
@@ -108,9 +100,10 @@ def test_plot_learned_png_after_training_and_again_from_the_saved_adapter(plot_r
     assert (out / "compare.png").exists()  # plot_compare, moved to plots.py, still draws
 
 
-def test_plot_lora_reference_is_the_same_folders_lora_run_or_a_note(plot_run, tmp_path):
+@pytest.mark.slow
+def test_plot_lora_reference_is_the_same_folders_lora_run_or_a_note(all_run, tmp_path):
     """GenLoRA's figure compares against LoRA's dW from out/lora/adapter.pt: the values LoRA's own run measured."""
-    out, _ = plot_run
+    out, _ = all_run
     lora = json.loads((out / "lora" / "metrics.json").read_text())
     spectra, note = plots.lora_reference(out / "genlora", lora["base"])
     assert note is None and spectra.keys() == lora["rank"]["per_module"].keys()

@@ -394,6 +394,7 @@ def test_ranlora_kaiming_init_is_lora_init_on_the_untouched_base():
     assert a.B.grad.abs().max() > 0 and a.A.grad.abs().max() == 0  # LoRA's gradient flow: B first
 
 
+@pytest.mark.slow
 def test_ranlora_self_contained_copy_trains_in_an_empty_folder(tmp_path):
     """ranlora.py alone, copied into an empty folder, trains a toy model in a fresh interpreter."""
     shutil.copy(os.path.join(RANLORA_HERE, "ranlora.py"), tmp_path / "ranlora.py")

@@ -147,6 +147,7 @@ def launches(out):  # how often each run was started: one '$ <command>' line in 
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="kills the study and finds its runs through /proc")
+@pytest.mark.slow
 def test_study_grid_records_every_run_resumes_after_a_kill_and_then_only_prints(tmp_path, study_task, train_cache):
     """A 2 x 2 x 1 grid on the built-in GPT: kill the study (SIGKILL) once its first run has finished; run it again:
     the finished run is not repeated, the others finish (an interrupted one from its checkpoint, or again where it was
@@ -185,6 +186,7 @@ def test_study_grid_records_every_run_resumes_after_a_kill_and_then_only_prints(
     assert launches(out) == started and sum(started.values()) <= 5  # 4 runs, the one the kill stopped started twice
 
 
+@pytest.mark.slow
 def test_study_failed_run_is_recorded_with_its_last_line_and_the_study_goes_on(tmp_path, study_task, train_cache, monkeypatch, capsys):
     monkeypatch.setenv("NONLINEAR_LORA_CACHE", train_cache)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

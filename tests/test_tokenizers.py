@@ -250,6 +250,7 @@ def test_tokenizer_json_with_a_negative_id_is_refused(tmp_path):
                                                        "ids must be non-negative integers)")):
             M.load_tokenizer(path.parent)
 
+@pytest.mark.slow
 def test_llama_smollm2_tokenizer_equals_hf(llama_smollm2_dir):
     from transformers import AutoTokenizer
     ref = AutoTokenizer.from_pretrained(llama_smollm2_dir)

@@ -126,6 +126,7 @@ def test_run_undone_leaves_weights_and_optimizer_state_as_they_were():
     assert all(torch.equal(a, b) for a, b in zip(after, [p] + list(opt.state[p].values())))
 
 
+@pytest.mark.slow
 def test_train_compile_matches_eager(tmp_path, tiny_text, in_process, monkeypatch):
     """--compile compiles (dynamo's counters, per adapter) and trains the same adapter as eager. LoRA: the whole model, no
     graph break. LR-LoRA's forward is torch.compiler.disable'd (its per-step table needs one host sync), so dynamo breaks
@@ -165,7 +166,10 @@ def test_train_compile_matches_eager(tmp_path, tiny_text, in_process, monkeypatc
             assert abs(e["val_loss"] - c["val_loss"]) < 1e-4 and abs(e["train_loss"] - c["train_loss"]) < 1e-4, (n, e, c)
 
 
-def test_train_end_to_end_lora(tmp_path, tiny_text, train_cache, monkeypatch):
+@pytest.mark.slow
+def test_train_end_to_end_lora(tmp_path, tiny_text, train_cache, monkeypatch, capsys):
+    """One run through the real command line (a subprocess); the second and third run, in this process, check
+    only that a finished run is not replaced without --overwrite."""
     r = run_train("--adapter", "lora", "--data", tiny_text, "--out-dir", str(tmp_path), *FAST, cache=train_cache)
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.load(open(tmp_path / "lora" / "metrics.json"))
@@ -191,10 +195,11 @@ def test_train_end_to_end_lora(tmp_path, tiny_text, train_cache, monkeypatch):
     torch.testing.assert_close(train.evaluate(model, batches, args), m["val_loss_after"], rtol=1e-5, atol=1e-5)
 
     # a second run does not silently replace the finished one; --overwrite does
-    again = run_train("--adapter", "lora", "--data", tiny_text, "--out-dir", str(tmp_path), *FAST, cache=train_cache)
-    assert again.returncode == 2 and "--overwrite" in again.stderr.strip().splitlines()[-1], again.stderr[-2000:]
-    again = run_train("--adapter", "lora", "--data", tiny_text, "--out-dir", str(tmp_path), "--overwrite", "--lr", "0", *FAST, cache=train_cache)
-    assert again.returncode == 0, again.stderr[-2000:]
+    capsys.readouterr()
+    assert train.main(["--adapter", "lora", "--data", tiny_text, "--out-dir", str(tmp_path), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err.strip().splitlines()[-1], err[-2000:]
+    assert train.main(["--adapter", "lora", "--data", tiny_text, "--out-dir", str(tmp_path), "--overwrite", "--lr", "0", *FAST]) == 0
     m0 = json.load(open(tmp_path / "lora" / "metrics.json"))
     assert m0["lr"] == 0 and all((v == 0).all() for k, v in adapter_weights(tmp_path).items() if k.endswith(".B"))  # --lr 0 is honoured
 
@@ -244,6 +249,7 @@ def interrupt_at(point, step, monkeypatch):
 
 @pytest.mark.parametrize("point, step", [("before the batch", 1), ("after the batch", 4), ("in the forward", 3), ("in the backward", 2),
                                          ("in the optimizer step", 4), ("in the evaluation", 2)])
+@pytest.mark.slow
 def test_train_resumes_exactly_wherever_ctrl_c_lands(tmp_path, tiny_text, in_process, monkeypatch, point, step):
     """Ctrl-C anywhere in a step: the run stops at the step's end, and the resumed run ends with bit-identical weights
     (the batch of a step is a function of (seed, step), so nothing drawn before the interrupt is lost or repeated)."""
@@ -261,6 +267,7 @@ def test_train_resumes_exactly_wherever_ctrl_c_lands(tmp_path, tiny_text, in_pro
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_train_second_ctrl_c_stops_at_once_and_still_resumes_exactly(tmp_path, tiny_text, in_process, monkeypatch):
     """A KeyboardInterrupt raised before the optimizer step (a second Ctrl-C): the weights are whole, so they are saved."""
     common = ["--adapter", "lora", "--data", tiny_text, *FAST]
@@ -281,6 +288,7 @@ def test_train_second_ctrl_c_stops_at_once_and_still_resumes_exactly(tmp_path, t
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_train_resume_refuses_other_settings_and_no_resume_starts_over(tmp_path, tiny_text, in_process, monkeypatch, capsys):
     common = ["--adapter", "lora", "--data", tiny_text, *FAST]
     assert in_process([*common, "--out-dir", str(tmp_path / "straight")]) == 0
@@ -297,6 +305,7 @@ def test_train_resume_refuses_other_settings_and_no_resume_starts_over(tmp_path,
     assert all(torch.equal(a[k], b[k]) for k in a) and not (tmp_path / "resumed" / "lora" / "ckpt.pt").exists()
 
 
+@pytest.mark.slow
 def test_pretraining_is_cached_once_and_resumes_exactly(tmp_path, tiny_text, monkeypatch, capsys):
     """The built-in base: pretrained with the same loop (so Ctrl-C keeps its progress), cached outside --out-dir."""
     common = ["--adapter", "lora", "--data", tiny_text, *FAST, "--base-steps", "7", "--steps", "1"]
@@ -320,6 +329,7 @@ def test_pretraining_is_cached_once_and_resumes_exactly(tmp_path, tiny_text, mon
     assert "pretraining the built-in GPT" not in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_two_commands_on_a_fresh_cache_pretrain_once(tmp_path, tiny_text):
     """Started together, two train.py runs on an empty cache: one pretrains, the other waits for its base (a lock),
     then both fine-tune on the same cached file; nothing half-written is left."""
@@ -335,6 +345,7 @@ def test_two_commands_on_a_fresh_cache_pretrain_once(tmp_path, tiny_text):
     assert m[0]["val_loss_before"] == m[1]["val_loss_before"]  # the same base
 
 
+@pytest.mark.slow
 def test_pretraining_estimate_is_the_time_measured_here(tmp_path, monkeypatch, capsys):
     """The announced pretraining time comes from steps timed on this machine, not a constant (it said 1.5 min for a
     2:35 run): training steps slowed to 0.5 s here are announced as about what the pretraining then takes. A tiny GPT."""
@@ -405,6 +416,7 @@ def test_train_bad_input_is_one_clear_line_before_any_work(tmp_path, tiny_text, 
         assert " ".join(full.split())[len(kept)] == " "  # cut between two words, not inside one
 
 
+@pytest.mark.slow
 def test_train_command_line_mistakes_are_one_line_in_a_subprocess(tmp_path):
     """The real command line: argparse's own errors, a GPU that is not there; one line, exit 2, no traceback, fast."""
     for argv, expected in ((["--steps"], "--steps"), (["--no-such-flag"], "--no-such-flag"), (["--device", "cuda"], "--device cuda")):
@@ -451,6 +463,7 @@ def test_train_adapter_typo_is_one_line_that_suggests_the_closest_name(tmp_path,
     assert status == 2 and len(lines) == 1 and lines[0].startswith(f"error: --adapter {given}: unknown adapter (did you mean {suggested}?)"), err
 
 
+@pytest.mark.slow
 def test_train_help_has_help_for_every_flag_and_no_doubled_defaults():
     p = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--help"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0
@@ -474,6 +487,7 @@ def test_train_failure_after_training_keeps_the_adapter(tmp_path, tiny_text, in_
     assert not (tmp_path / "lora" / "sample.txt").exists()
 
 
+@pytest.mark.slow
 def test_load_adapter_is_strict(tmp_path, tiny_text, in_process, monkeypatch):
     """An adapter.pt that does not fit the model (another adapter, rank or model) is one error naming the mismatch."""
     assert in_process(["--adapter", "lora", "--data", tiny_text, *FAST, "--out-dir", str(tmp_path)]) == 0
@@ -494,6 +508,7 @@ def test_load_adapter_is_strict(tmp_path, tiny_text, in_process, monkeypatch):
     assert r.returncode == 2 and "not an adapter.pt" in r.stderr and "delete" not in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_process(tmp_path, tiny_text, train_cache):
     """DDP over gloo on the CPU: 2 processes x half the batch == 1 process x the whole batch."""
     common = ["--adapter", "lora", "--data", tiny_text, *FAST]
@@ -535,13 +550,14 @@ def test_rank_stats_against_numpy_on_known_matrices():
     assert diagnostics.rank_stats(torch.tensor(cases["tiny"]))["numerical_rank"] == 0  # all below the 0.005 threshold
 
 
-def test_adapter_all_compares_every_method(tmp_path, tiny_text, train_cache):
-    r = run_train("--adapter", "all", "--data", tiny_text, "--out-dir", str(tmp_path), *FAST, cache=train_cache)
-    assert r.returncode == 0, r.stderr[-3000:]
-    cmp = json.load(open(tmp_path / "compare.json"))
+@pytest.mark.slow
+def test_adapter_all_compares_every_method(all_run, tmp_path, train_cache):
+    """--adapter all (the run shared with the figure tests: all_run) writes compare.json, its table and compare.png."""
+    out, printed = all_run
+    cmp = json.load(open(out / "compare.json"))
     assert list(cmp["methods"]) == list(train.ADAPTERS)
     rows = [line.split()[0] for line in cmp["table"][2:]]
-    assert rows == list(train.ADAPTERS) and all(row in r.stdout + r.stderr for row in cmp["table"])
+    assert rows == list(train.ADAPTERS) and all(row in printed for row in cmp["table"])
     for name, m in cmp["methods"].items():
         assert isinstance(m["init_seconds"], float) and m["init_seconds"] > 0  # wrapping timed (RanLoRA: its decompositions)
         if m["merge"]["max_abs_logit_diff"] is None:  # RanLoRA with GELU: no weight-space dW
@@ -550,14 +566,14 @@ def test_adapter_all_compares_every_method(tmp_path, tiny_text, train_cache):
             n_modules = GPTConfig().n_layer * len(set(m["targets"]) - {"gate"})  # the built-in GPT has no gate_proj
             assert 0 < m["rank"]["mean"]["stable_rank"] and len(m["rank"]["per_module"]) == n_modules
     if plots.pyplot() is None:  # a run without matplotlib says how to get the figure (CI installs it: the figure is required there)
-        assert "pip install matplotlib for compare.png" in r.stdout + r.stderr
+        assert "pip install matplotlib for compare.png" in printed
     else:
         from PIL import Image
 
-        assert (tmp_path / "compare.png").exists(), "matplotlib is installed, yet --adapter all drew no compare.png"
-        assert min(Image.open(tmp_path / "compare.png").size) > 500 and "pip install matplotlib" not in r.stdout + r.stderr
+        assert (out / "compare.png").exists(), "matplotlib is installed, yet --adapter all drew no compare.png"
+        assert min(Image.open(out / "compare.png").size) > 500 and "pip install matplotlib" not in printed
 
-    rep = run_train("--rank-report", str(tmp_path / "genlora" / "adapter.pt"), "--out-dir", str(tmp_path / "elsewhere"), *FAST, cache=train_cache)
+    rep = run_train("--rank-report", str(out / "genlora" / "adapter.pt"), "--out-dir", str(tmp_path / "elsewhere"), *FAST, cache=train_cache)
     assert rep.returncode == 0, rep.stderr[-2000:]
     mean_line = [ln for ln in (rep.stdout + rep.stderr).splitlines() if ln.strip().startswith("mean")][0]
     assert float(mean_line.split()[2]) == pytest.approx(cmp["methods"]["genlora"]["rank"]["mean"]["stable_rank"], rel=1e-2)
@@ -578,6 +594,7 @@ def llama_train(*args):
 
 @llama_needs_hf
 @llama_needs_llama_models
+@pytest.mark.slow
 def test_train_init_from_tiny_llama3_checkpoint(tmp_path, monkeypatch):
     """A tiny random LLaMA with the real LLaMA-3 vocabulary, saved by transformers, tokenizer.model beside it."""
     import llama_models
@@ -620,6 +637,7 @@ def test_train_schedule_is_each_papers_with_init_from_and_unchanged_on_the_built
     assert sched("genlora", 1000, init_from=None) == (train.WARMUP, "cosine") == (20, "cosine")
 
 
+@pytest.mark.slow
 def test_llama_train_init_from_smollm2_every_adapter(llama_smollm2_dir, tmp_path):
     """Real pretrained weights, every adapter on q and v (to keep CI short), a small slice of the pydoc topics text,
     train.py's --init-from defaults (each adapter's llm_lr, dropout 0.05, its paper's schedule): the val loss falls for each."""
