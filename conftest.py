@@ -54,14 +54,28 @@ def tiny_gpt(seed=0):
     return GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)).eval()
 
 
-def randomize_(module, std=0.1, seed=1):
-    """Give every adapter parameter a nonzero value, so merge tests compare something real; returns the generator."""
+def randomize_(module, std=0.1, seed=1, names=None, dtype=None, add=None, trainable=False):
+    """Give adapter parameters random N(0, std^2) values, so merge and gradient tests compare something real (B is zero
+    at init, which would hide bugs). By default every parameter of every adapter layer in module (a layer with a .base)
+    except its frozen base layer's, frozen latents included, in the order the layer registers them. The differences
+    between the tests' needs are parameters: names, only these and in this order; dtype, the dtype the values are drawn
+    in (then cast to the parameter's); add, {name: constant} added after the draw; trainable=True, every parameter that
+    requires grad instead, base layers included (a model left unfrozen, as the figure tests build it). Returns the module."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in module.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
-    return g
+        if trainable:
+            for p in [p for p in module.parameters() if p.requires_grad]:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=dtype or p.dtype) * std)
+            return module
+        for m in [m for m in module.modules() if isinstance(getattr(m, "base", None), nn.Module)]:
+            base = {id(p) for p in m.base.parameters()}
+            params = [getattr(m, n) for n in names] if names else [p for p in m.parameters() if id(p) not in base]
+            for p in params:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=dtype or p.dtype) * std)
+            for n, c in (add or {}).items():
+                getattr(m, n).add_(c)
+    return module
+
 
 @pytest.fixture(scope="session")
 def tiny_text(tmp_path_factory):
@@ -108,13 +122,6 @@ def run_in_process(argv, capsys, monkeypatch):
     status = train.main(argv)
     return status, capsys.readouterr().err
 
-def adapter_randomize_(m, seed=0, std=0.5):
-    """Every trainable parameter nonzero and random (B included), so no path of the adapter hides behind a zero."""
-    g = randomize_(m, std=std, seed=seed)
-    with torch.no_grad():
-        if getattr(m, "freeze_latents", False):  # frozen latents still need values that make B nonzero
-            m.z_B.copy_(torch.randn(m.z_B.shape, generator=g))
-    return m
 
 def llama_optional(name):
     try:
@@ -261,4 +268,4 @@ def all_run(tmp_path_factory, tiny_text, train_cache):
     return out, r.stdout + r.stderr
 
 # the helpers `from conftest import *` gives the test files (fixtures are found by pytest, not imported)
-__all__ = ['VOCAB', 'LAYERS', 'T', 'HERE', 'tiny_gpt', 'randomize_', 'FAST', 'run_train', 'adapter_weights', 'run_in_process', 'adapter_randomize_', 'llama_optional', 'llama_needs_hf', 'llama_needs_st', 'llama_needs_llama_models', 'LLAMA_LLAMA3_ROPE', 'LLAMA_CONFIGS', 'llama_hf_model', 'llama_tokens', 'llama_assert_close_rel', 'llama_hf_to_meta_rows', 'llama_write_meta', 'llama_meta_shaped_hf', 'llama_pydoc_text']
+__all__ = ['VOCAB', 'LAYERS', 'T', 'HERE', 'tiny_gpt', 'randomize_', 'FAST', 'run_train', 'adapter_weights', 'run_in_process', 'llama_optional', 'llama_needs_hf', 'llama_needs_st', 'llama_needs_llama_models', 'LLAMA_LLAMA3_ROPE', 'LLAMA_CONFIGS', 'llama_hf_model', 'llama_tokens', 'llama_assert_close_rel', 'llama_hf_to_meta_rows', 'llama_write_meta', 'llama_meta_shaped_hf', 'llama_pydoc_text']

@@ -129,7 +129,7 @@ def test_adapter_small_tensor_math_runs_in_float32_under_autocast(name, cls, kw)
     bf16 (autocast lowers every matmul it sees, so each needs autocast off around it)."""
     torch.manual_seed(0)
     n_in, n_out, tokens = 24, 20, 35  # widths unlike r, G, d_g, 8 and K + 1, so no small tensor passes for x
-    m = adapter_randomize_(cls(nn.Linear(n_in, n_out), **kw))
+    m = randomize_(cls(nn.Linear(n_in, n_out), **kw), std=0.5, seed=0)
     x = torch.randn(5, 7, n_in)
     with torch.autocast("cpu", dtype=torch.bfloat16), RecordOps() as rec:
         y = m(x)
@@ -158,7 +158,7 @@ def test_adapter_under_torch_compile_matches_eager(cls, kw):
     """--compile (train.py and bench.py) runs every adapter through torch.compile: the compiled forward and every
     gradient equal eager's (on the compiler's CPU backend; CUDA takes the same graphs)."""
     torch.manual_seed(0)
-    m = adapter_randomize_(cls(nn.Linear(16, 12), **kw), std=0.2)
+    m = randomize_(cls(nn.Linear(16, 12), **kw), std=0.2, seed=0)
     x = torch.randn(2, 5, 16, requires_grad=True)
     grads = []
     for fn in (m, torch.compile(m)):
@@ -175,7 +175,7 @@ def test_adapter_float64_forward_backward_and_gradcheck(name, cls, kw):
     torch.manual_seed(0)
     if cls is GenLoRALinear:
         kw = dict(kw, r=2)  # fewer generator weights to perturb; groups=None gives 2 on 6 -> 4
-    m = adapter_randomize_(cls(nn.Linear(6, 4), **kw)).double()
+    m = randomize_(cls(nn.Linear(6, 4), **kw), std=0.5, seed=0).double()
     x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     with RecordOps() as rec:
         y = m(x)

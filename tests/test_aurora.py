@@ -76,16 +76,6 @@ def aurora_sigma_ref(z, H, W_s, act="tanh"):
     return f(f(z) @ H.T) + s @ W_s.T
 
 
-def aurora_randomize(m, seed=0):
-    """Nonzero B (and everything else random), so merge comparisons can fail."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in (m.A, m.B, getattr(m, "H", None), getattr(m, "W_s", None)):
-            if p is not None:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return m
-
-
 def aurora_toy_model(seed=0, **kw):
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 24), nn.GELU(), nn.Linear(24, 8))
@@ -116,7 +106,7 @@ def test_aurora_bspline_partition_of_unity_and_support():
 
 # ---------------------------------------------------------------- Eq. 8, init, merge
 def test_aurora_sigma_matches_reference_eq8():
-    m = aurora_randomize(AuroRALinear(nn.Linear(16, 8), r=3))
+    m = randomize_(AuroRALinear(nn.Linear(16, 8), r=3), std=0.5, seed=0)
     z = torch.randn(40, 3) * 1.5
     torch.testing.assert_close(m.sigma(z).double(), aurora_sigma_ref(z, m.H, m.W_s), rtol=1e-5, atol=1e-5)
 
@@ -126,7 +116,7 @@ def test_aurora_fixed_activation_variants_of_table5():
     z = torch.randn(40, 3) * 1.5
     sigmas = {}
     for act in ("tanh", "leaky_relu", "sigmoid"):
-        m = aurora_randomize(AuroRALinear(nn.Linear(16, 8), r=3, fixed_activation=act))
+        m = randomize_(AuroRALinear(nn.Linear(16, 8), r=3, fixed_activation=act), std=0.5, seed=0)
         assert m.fixed_activation == act and f"fixed_activation={act}" in repr(m)
         sigmas[act] = m.sigma(z).double()
         torch.testing.assert_close(sigmas[act], aurora_sigma_ref(z, m.H, m.W_s, act), rtol=1e-5, atol=1e-5)
@@ -147,14 +137,14 @@ def test_aurora_init_equals_base(mode, parts):
 
 
 def test_aurora_static_merge_exact_float32():
-    m = aurora_randomize(AuroRALinear(nn.Linear(64, 48), r=2, mode="static"))
+    m = randomize_(AuroRALinear(nn.Linear(64, 48), r=2, mode="static"), std=0.5, seed=0)
     assert m.exact_merge is True
     x = torch.randn(10, 64)
     torch.testing.assert_close(m.merged()(x), m(x), rtol=1e-5, atol=1e-5)
     net = aurora_toy_model(1, mode="static")
     for mod in net:
         if isinstance(mod, AuroRALinear):
-            aurora_randomize(mod, 3)
+            randomize_(mod, std=0.5, seed=3)
     merged = nn.Sequential(*[mod.merged() if isinstance(mod, AuroRALinear) else mod for mod in net])
     x2 = torch.randn(4, 16)
     torch.testing.assert_close(merged(x2), net(x2), rtol=1e-5, atol=1e-5)
@@ -162,7 +152,7 @@ def test_aurora_static_merge_exact_float32():
 
 def test_aurora_dynamic_merge_gap_is_what_the_equations_predict():
     base = nn.Linear(32, 20)
-    m = aurora_randomize(AuroRALinear(base, r=2, alpha=4), seed=5)
+    m = randomize_(AuroRALinear(base, r=2, alpha=4), std=0.5, seed=5)
     assert m.exact_merge is False
     x = torch.randn(12, 32)
     unmerged, merged = m(x), m.merged()(x)
@@ -181,7 +171,7 @@ def test_aurora_dynamic_merge_gap_is_what_the_equations_predict():
 def test_aurora_merged_is_new_linear_base_untouched():
     base = nn.Linear(16, 8)
     w0 = base.weight.detach().clone()
-    m = aurora_randomize(AuroRALinear(base))
+    m = randomize_(AuroRALinear(base), std=0.5, seed=0)
     lin = m.merged()
     assert isinstance(lin, nn.Linear) and lin is not base and torch.equal(base.weight, w0)
     assert torch.equal(lin.bias, base.bias) and not lin.weight.requires_grad
@@ -199,7 +189,7 @@ def test_aurora_bf16_base_float32_adapter():
 # ---------------------------------------------------------------- Prop. 2.2: bounded gradients
 def test_aurora_gradients_bounded_for_large_inputs():
     torch.manual_seed(0)
-    m = aurora_randomize(AuroRALinear(nn.Linear(16, 8), r=2), seed=2)
+    m = randomize_(AuroRALinear(nn.Linear(16, 8), r=2), std=0.5, seed=2)
     g = torch.randn(6, 8)  # fixed upstream gradient: loss = <g, h>
     h = AURORA_H_STEP
     # analytic per-token bounds: |sigma_i| <= 1 + r max|W_s| (tanh and partition of unity);
@@ -258,7 +248,7 @@ def test_aurora_param_count_vit_large_table3():
 def test_aurora_state_dict_roundtrip():
     torch.manual_seed(0)
     base = nn.Linear(16, 8)
-    m = aurora_randomize(AuroRALinear(base, mode="dynamic"), seed=9)
+    m = randomize_(AuroRALinear(base, mode="dynamic"), std=0.5, seed=9)
     saved = {k: v.clone() for k, v in m.state_dict().items() if not k.startswith("base.")}
     assert set(saved) == {"A", "B", "H", "W_s"}
     fresh = AuroRALinear(base)

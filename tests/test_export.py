@@ -65,7 +65,7 @@ def export_adapter_pt(base_dir, path, name, kwargs, model=None, targets=None):
     targets = targets or train.parse_targets(train.ADAPTERS[name].targets)
     adapters = train.inject(model, name, targets, kwargs)
     for i, a in enumerate(adapters.values()):
-        adapter_randomize_(a, seed=i, std=0.1)
+        randomize_(a, seed=i, std=0.1)
     torch.save({"adapter": name, "targets": targets, "kwargs": kwargs, "base": f"LLaMA ({base_dir})", "state": train.adapt.adapter_state(adapters)}, path)
     return model, adapters
 

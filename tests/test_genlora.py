@@ -50,16 +50,6 @@ from conftest import *  # noqa: F401,F403  (the shared helpers; the shared fixtu
 # Tests for genlora.py (GenLoRA, Ouyang et al. 2025). Run: python -m pytest -q test_all.py -k genlora
 
 
-def genlora_randomize_(m, seed=0):
-    """Nonzero values in every adapter parameter (B is zero at init, which would hide bugs)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if not name.startswith("base."):
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return m
-
-
 def genlora_fit_random_targets(m, steps, opt, seed=0):
     """Regress the wrapped layer onto a random linear map: a task ΔW must move towards."""
     g = torch.Generator().manual_seed(seed)
@@ -136,7 +126,7 @@ def test_genlora_gradients_at_init_finite_and_reach_theta_B():
 def test_genlora_zero_variance_group_gives_finite_nonzero_latent_gradient():
     """Eq. 6 at σ = 0 (z_B = 0 at init) with trained generator weights: the ε must keep the gradient finite."""
     torch.manual_seed(0)
-    m = genlora_randomize_(GenLoRALinear(nn.Linear(32, 32), r=4, groups=4))
+    m = randomize_(GenLoRALinear(nn.Linear(32, 32), r=4, groups=4), std=1.0, seed=0)
     with torch.no_grad():
         m.z_B.zero_()
         m.z_A[:8] = 0.5  # one constant group on the A side too
@@ -191,7 +181,7 @@ def test_genlora_rank_bounded_by_r_and_reached_after_training():
 def test_genlora_factors_match_float64_recomputation_of_the_equations():
     torch.manual_seed(0)
     G, K = 4, 7
-    m = genlora_randomize_(GenLoRALinear(nn.Linear(24, 16), r=3, alpha=6, groups=G, num_centers=K)).double()
+    m = randomize_(GenLoRALinear(nn.Linear(24, 16), r=3, alpha=6, groups=G, num_centers=K), std=1.0, seed=0).double()
     m.eps = 0.0  # at ε = 0 the module's normalization and Eq. 6 as printed are the same function
     B = genlora_reference_factors(m.z_B, m.theta_B, G, K, eps=0.0)
     A = genlora_reference_factors(m.z_A, m.theta_A, G, K, eps=0.0).T
@@ -211,7 +201,7 @@ def test_genlora_merged_equals_unmerged_float32():
     torch.manual_seed(0)
     base = nn.Linear(64, 48)
     w0 = base.weight.detach().clone()
-    m = genlora_randomize_(GenLoRALinear(base, r=8, groups=16))
+    m = randomize_(GenLoRALinear(base, r=8, groups=16), std=1.0, seed=0)
     assert m.delta_weight().abs().max() > 0.1
     x = torch.randn(10, 64)
     merged = m.merged()
@@ -224,7 +214,7 @@ def test_genlora_low_precision_base_keeps_float32_adapter():
     (unmerged and merged) must match a float64 evaluation of Eq. 4 to within a few bf16 roundings."""
     torch.manual_seed(0)
     base = nn.Linear(32, 32).to(torch.bfloat16)
-    m = genlora_randomize_(GenLoRALinear(base, r=2, groups=4))
+    m = randomize_(GenLoRALinear(base, r=2, groups=4), std=1.0, seed=0)
     assert m.theta_A.dtype == m.z_B.dtype == m.A.dtype == m.B.dtype == torch.float32
     with torch.no_grad():  # B is linear in θ_B: make ΔW as large as W0, so an error in either path shows
         m.theta_B.mul_(base.weight.float().abs().max() / m.delta_weight().abs().max())
@@ -320,7 +310,7 @@ def test_genlora_normalize_makes_A_invariant_to_the_scale_of_z_A_and_without_it_
     z_A to the generators as it is, so A changes, and it equals the float64 reference with x̂ = x."""
     torch.manual_seed(0)
     for normalize in (True, False):
-        m = genlora_randomize_(GenLoRALinear(nn.Linear(32, 24), r=4, normalize=normalize))
+        m = randomize_(GenLoRALinear(nn.Linear(32, 24), r=4, normalize=normalize), std=1.0, seed=0)
         A = m.A.detach().clone()
         with torch.no_grad():
             m.z_A.mul_(3.0).add_(0.5)

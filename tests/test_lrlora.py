@@ -59,13 +59,9 @@ def lrlora_f_reference(M, a, beta, g):
 
 
 def lrlora_moved(layer, seed=0, scale=0.5):
-    """Give every adapter parameter a nonzero value, as after some training (|B A| up to about 3 at scale 0.5)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in (layer.A, layer.B, layer.a, layer.beta):
-            p.copy_(scale * torch.randn(p.shape, generator=gen, dtype=torch.float64))
-        layer.beta.add_(0.5)
-    return layer
+    """Give every adapter parameter a nonzero value, as after some training (|B A| up to about 3 at scale 0.5): randomize_
+    drawing A, B, a, beta in that order, in float64, with beta shifted by 0.5."""
+    return randomize_(layer, std=scale, seed=seed, names=("A", "B", "a", "beta"), dtype=torch.float64, add={"beta": 0.5})
 
 
 def lrlora_rel(got, want):

@@ -154,7 +154,7 @@ def plot_model(cls, targets, **kw):
     """A tiny GPT with the adapter in, every adapter parameter moved away from its init, and two token batches."""
     model = tiny_gpt()
     adapters = adapt.inject(model, cls, targets, kw)
-    randomize_(model, std=0.3)
+    randomize_(model, std=0.3, trainable=True)  # the model is not frozen: every weight moves
     g = torch.Generator().manual_seed(0)
     return model, adapters, [(torch.randint(0, 256, (2, 32), generator=g), None) for _ in range(2)]
 
