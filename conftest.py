@@ -103,9 +103,18 @@ FAST = ["--steps", "6", "--base-steps", "5", "--eval-interval", "3", "--eval-ite
         "--block-size", "32", "--sample-tokens", "8", "--device", "cpu"]
 
 
-def run_train(*args, cwd=HERE, cache=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"NONLINEAR_LORA_CACHE": cache} if cache else {})}
-    return subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+def run_script(script, *args, cache=None, cwd=HERE, env=None, wait=True, timeout=600):
+    """python <script> args in a subprocess, as a user runs it: script a file of the repository ("train.py",
+    "tools/study.py"), or "-c" / "-m" with the code / module as the first of args. One torch thread (OMP_NUM_THREADS=1);
+    cache: NONLINEAR_LORA_CACHE (the built-in GPT's test cache); env: more variables, None removing one. Returns the
+    CompletedProcess (text, captured); wait=False, the running Popen (stdout, stderr piped)."""
+    full = {**os.environ, "OMP_NUM_THREADS": "1", **({"NONLINEAR_LORA_CACHE": cache} if cache else {})}
+    for k, v in (env or {}).items():
+        full.pop(k, None) if v is None else full.__setitem__(k, v)
+    cmd = [sys.executable, script if script in ("-c", "-m") else os.path.join(HERE, script), *args]
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full, cwd=cwd)
+    return subprocess.run(cmd, capture_output=True, text=True, env=full, cwd=cwd, timeout=timeout)
 
 
 def adapter_weights(out_dir, name="lora"):
@@ -263,9 +272,19 @@ def all_run(tmp_path_factory, tiny_text, train_cache):
     """train.py --adapter all on the FAST settings, in a subprocess, once for the comparison test (tests/test_train.py) and
     the figure tests (tests/test_plots.py): (output folder, what the run printed)."""
     out = tmp_path_factory.mktemp("all_run")
-    r = run_train("--adapter", "all", "--data", tiny_text, "--out-dir", str(out), *FAST, cache=train_cache)
+    r = run_script("train.py", "--adapter", "all", "--data", tiny_text, "--out-dir", str(out), *FAST, cache=train_cache)
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r.stdout + r.stderr
 
+
+def pytest_collection_modifyitems(config, items):
+    """`pytest .` (test_all.py and tests/ both named) would run each test twice: test_all.py's copy is kept."""
+    via_all = {(item.function, item.name) for item in items if item.path.name == "test_all.py" and hasattr(item, "function")}
+    twice = [item for item in items if item.path.name != "test_all.py" and (getattr(item, "function", None), item.name) in via_all]
+    if twice:
+        config.hook.pytest_deselected(items=twice)
+        twice = set(twice)
+        items[:] = [item for item in items if item not in twice]
+
 # the helpers `from conftest import *` gives the test files (fixtures are found by pytest, not imported)
-__all__ = ['VOCAB', 'LAYERS', 'T', 'HERE', 'tiny_gpt', 'randomize_', 'FAST', 'run_train', 'adapter_weights', 'run_in_process', 'llama_optional', 'llama_needs_hf', 'llama_needs_st', 'llama_needs_llama_models', 'LLAMA_LLAMA3_ROPE', 'LLAMA_CONFIGS', 'llama_hf_model', 'llama_tokens', 'llama_assert_close_rel', 'llama_hf_to_meta_rows', 'llama_write_meta', 'llama_meta_shaped_hf', 'llama_pydoc_text']
+__all__ = ['VOCAB', 'LAYERS', 'T', 'HERE', 'tiny_gpt', 'randomize_', 'FAST', 'run_script', 'adapter_weights', 'run_in_process', 'llama_optional', 'llama_needs_hf', 'llama_needs_st', 'llama_needs_llama_models', 'LLAMA_LLAMA3_ROPE', 'LLAMA_CONFIGS', 'llama_hf_model', 'llama_tokens', 'llama_assert_close_rel', 'llama_hf_to_meta_rows', 'llama_write_meta', 'llama_meta_shaped_hf', 'llama_pydoc_text']

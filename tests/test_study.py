@@ -122,14 +122,6 @@ def study_task(tmp_path_factory):
 STUDY_FAST = ["--steps", "4", "--base-steps", "5", "--eval-interval", "2", "--eval-iters", "1", "--batch-size", "4", "--block-size", "32", "--device", "cpu"]
 
 
-def run_study(*args, cache, wait=True):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NONLINEAR_LORA_CACHE": cache}
-    cmd = [sys.executable, os.path.join(HERE, "tools", "study.py"), *args]
-    if not wait:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=HERE)
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE, timeout=600)
-
-
 def processes_mentioning(text):
     """Pids of the running processes whose command line holds text (the runs of one study, by its folder)."""
     found = []
@@ -156,7 +148,7 @@ def test_study_grid_records_every_run_resumes_after_a_kill_and_then_only_prints(
     out = tmp_path / "study"
     grid = ["--adapters", "lora,ranlora", "--lrs", "1e-3,3e-3", "--seeds", "0", "--out", str(out), "--"]
     flags = [*grid, "--data", str(study_task / "train.txt"), "--task-eval", str(study_task / "eval.json"), *STUDY_FAST]
-    proc = run_study(*flags, cache=train_cache, wait=False)
+    proc = run_script("tools/study.py", *flags, cache=train_cache, wait=False)
     deadline = time.time() + 300
     while not list(out.glob("runs/*/run.json")) and time.time() < deadline and proc.poll() is None:  # the study's 'done'
         time.sleep(0.2)
@@ -167,7 +159,7 @@ def test_study_grid_records_every_run_resumes_after_a_kill_and_then_only_prints(
     while processes_mentioning(str(out)) and time.time() < deadline:  # its runs got SIGTERM (parent death signal)
         time.sleep(0.2)
     assert not processes_mentioning(str(out))
-    r = run_study("--per-gpu", "2", *flags, cache=train_cache)
+    r = run_script("tools/study.py", "--per-gpu", "2", *flags, cache=train_cache)
     assert r.returncode == 0, r.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in first} == first  # finished runs untouched
     assert all(launches(out)[p.parent.parent.name] == 1 for p in first)
@@ -181,7 +173,7 @@ def test_study_grid_records_every_run_resumes_after_a_kill_and_then_only_prints(
     started = launches(out)
     md = (out / "study.md").read_text()
     assert "4 of 4 runs done" in md and md in r.stdout + "\n" and "| lora |" in md and "| ranlora |" in md
-    again = run_study(*flags, cache=train_cache)
+    again = run_script("tools/study.py", *flags, cache=train_cache)
     assert again.returncode == 0 and "4 of 4 runs done" in again.stdout and "study:" not in again.stderr
     assert launches(out) == started and sum(started.values()) <= 5  # 4 runs, the one the kill stopped started twice
 

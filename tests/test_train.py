@@ -170,7 +170,7 @@ def test_train_compile_matches_eager(tmp_path, tiny_text, in_process, monkeypatc
 def test_train_end_to_end_lora(tmp_path, tiny_text, train_cache, monkeypatch, capsys):
     """One run through the real command line (a subprocess); the second and third run, in this process, check
     only that a finished run is not replaced without --overwrite."""
-    r = run_train("--adapter", "lora", "--data", tiny_text, "--out-dir", str(tmp_path), *FAST, cache=train_cache)
+    r = run_script("train.py", "--adapter", "lora", "--data", tiny_text, "--out-dir", str(tmp_path), *FAST, cache=train_cache)
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.load(open(tmp_path / "lora" / "metrics.json"))
     for k in ("adapter", "trainable_params", "total_params", "val_loss_before", "val_loss_after", "steps", "tokens_per_s"):
@@ -421,7 +421,7 @@ def test_train_command_line_mistakes_are_one_line_in_a_subprocess(tmp_path):
     """The real command line: argparse's own errors, a GPU that is not there; one line, exit 2, no traceback, fast."""
     for argv, expected in ((["--steps"], "--steps"), (["--no-such-flag"], "--no-such-flag"), (["--device", "cuda"], "--device cuda")):
         t = time.perf_counter()
-        r = run_train(*argv, "--out-dir", str(tmp_path), cache=str(tmp_path / "cache"))
+        r = run_script("train.py", *argv, "--out-dir", str(tmp_path), cache=str(tmp_path / "cache"))
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], r.stderr
         assert time.perf_counter() - t < 30  # torch's import dominates; no model is loaded
@@ -504,7 +504,7 @@ def test_load_adapter_is_strict(tmp_path, tiny_text, in_process, monkeypatch):
         with pytest.raises(train.UserError, match=re.escape(expected)):
             train.load_adapter(train.load_base(args), str(tmp_path / f"{name}.pt"))
     # --rank-report on a file that is not an adapter: says so (no advice meant for checkpoints)
-    r = run_train("--rank-report", str(tmp_path / "not an adapter.pt"), "--out-dir", str(tmp_path), *FAST, cache=os.environ["NONLINEAR_LORA_CACHE"])
+    r = run_script("train.py", "--rank-report", str(tmp_path / "not an adapter.pt"), "--out-dir", str(tmp_path), *FAST, cache=os.environ["NONLINEAR_LORA_CACHE"])
     assert r.returncode == 2 and "not an adapter.pt" in r.stderr and "delete" not in r.stderr, r.stderr
 
 
@@ -512,7 +512,7 @@ def test_load_adapter_is_strict(tmp_path, tiny_text, in_process, monkeypatch):
 def test_torchrun_two_processes_match_one_process(tmp_path, tiny_text, train_cache):
     """DDP over gloo on the CPU: 2 processes x half the batch == 1 process x the whole batch."""
     common = ["--adapter", "lora", "--data", tiny_text, *FAST]
-    one = run_train(*common, "--out-dir", str(tmp_path / "one"), cache=train_cache)
+    one = run_script("train.py", *common, "--out-dir", str(tmp_path / "one"), cache=train_cache)
     assert one.returncode == 0, one.stderr[-2000:]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NONLINEAR_LORA_CACHE": train_cache}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(HERE, "train.py"),
@@ -573,7 +573,7 @@ def test_adapter_all_compares_every_method(all_run, tmp_path, train_cache):
         assert (out / "compare.png").exists(), "matplotlib is installed, yet --adapter all drew no compare.png"
         assert min(Image.open(out / "compare.png").size) > 500 and "pip install matplotlib" not in printed
 
-    rep = run_train("--rank-report", str(out / "genlora" / "adapter.pt"), "--out-dir", str(tmp_path / "elsewhere"), *FAST, cache=train_cache)
+    rep = run_script("train.py", "--rank-report", str(out / "genlora" / "adapter.pt"), "--out-dir", str(tmp_path / "elsewhere"), *FAST, cache=train_cache)
     assert rep.returncode == 0, rep.stderr[-2000:]
     mean_line = [ln for ln in (rep.stdout + rep.stderr).splitlines() if ln.strip().startswith("mean")][0]
     assert float(mean_line.split()[2]) == pytest.approx(cmp["methods"]["genlora"]["rank"]["mean"]["stable_rank"], rel=1e-2)
@@ -584,12 +584,6 @@ def test_adapter_all_compares_every_method(all_run, tmp_path, train_cache):
 
 LLAMA_INIT_FROM_FAST = ["--steps", "6", "--eval-interval", "3", "--eval-iters", "2", "--batch-size", "2", "--block-size", "48",
                   "--sample-tokens", "6", "--device", "cpu"]
-
-
-def llama_train(*args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    here = Path(HERE)
-    return subprocess.run([sys.executable, str(here / "train.py"), *args], capture_output=True, text=True, cwd=here, env=env, timeout=900)
 
 
 @llama_needs_hf
@@ -616,7 +610,7 @@ def test_train_init_from_tiny_llama3_checkpoint(tmp_path, monkeypatch):
     assert m["lr"] == train.ADAPTERS["lora"].llm_lr != train.ADAPTERS["lora"].lr and m["kwargs"]["dropout"] == 0.05
     assert [loop.warmup for loop in loops] == [1], "--init-from: the warm-up is not 10% of the steps"
     assert m["trainable_params"] == 2 * 8 * sum(a + b for a, b in [(64, 64), (64, 32), (64, 32), (64, 64), (64, 96), (64, 96), (96, 64)])
-    bad = llama_train("--init-from", str(tmp_path / "nowhere"), "--adapter", "lora", "--out-dir", str(tmp_path / "out"), *LLAMA_INIT_FROM_FAST)
+    bad = run_script("train.py", "--init-from", str(tmp_path / "nowhere"), "--adapter", "lora", "--out-dir", str(tmp_path / "out"), *LLAMA_INIT_FROM_FAST, timeout=900)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --init-from") and "Traceback" not in bad.stderr
 
 
@@ -643,8 +637,8 @@ def test_llama_train_init_from_smollm2_every_adapter(llama_smollm2_dir, tmp_path
     train.py's --init-from defaults (each adapter's llm_lr, dropout 0.05, its paper's schedule): the val loss falls for each."""
     data = tmp_path / "data.txt"
     data.write_text(llama_pydoc_text()[:30_000])
-    r = llama_train("--init-from", str(llama_smollm2_dir), "--adapter", "all", "--targets", "q,v", "--data", str(data),
-                    "--out-dir", str(tmp_path / "out"), *LLAMA_INIT_FROM_FAST)
+    r = run_script("train.py", "--init-from", str(llama_smollm2_dir), "--adapter", "all", "--targets", "q,v", "--data", str(data),
+                    "--out-dir", str(tmp_path / "out"), *LLAMA_INIT_FROM_FAST, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     methods = json.loads((tmp_path / "out" / "compare.json").read_text())["methods"]
     for name, m in methods.items():
