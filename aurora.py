@@ -64,8 +64,43 @@ def bspline(z: torch.Tensor) -> torch.Tensor:
     return (F.relu(2 - y) ** 3 - 4 * F.relu(1 - y) ** 3) / 6
 
 
+def anl(z, H, W_s, act, linear=F.linear):
+    """sigma(z) = F(z) + L(z) (Eqs. 5-8) on the last axis of z (..., r), in z's dtype, autocast off; H None drops F
+    ("w/o F"), W_s None drops L ("w/o L")."""
+    with torch.autocast(z.device.type, enabled=False):
+        # F(z) = act(H act(z)), Eq. 6 with tanh (Table 5: LeakyReLU, Sigmoid); dropped for "w/o F" (Table 4)
+        F_z = act(linear(act(z), H.to(z.dtype))) if H is not None else 0.0
+        # L(z) = W_s s(z), Eq. 7; dropped for "w/o L". s(z) sums the r channels' 8 basis values (as Eq. 7
+        # writes it). Deviation: W_s is r x 8 (each output channel its own mix), Eq. 7 states R^r (docstring)
+        L_z = linear(bspline(z).sum(-2), W_s.to(z.dtype)) if W_s is not None else 0.0
+        return F_z + L_z  # sigma(z) = F(z) + L(z), Eqs. 5 and 8
+
+
+def _small_linear(x, W):
+    """F.linear(x, W) for a small W (r x r, r x 8) as a broadcast product and sum: a pointwise reduction that
+    torch.compile fuses with sigma's other passes, where a matmul would be a launch of its own (the fused path)."""
+    return (x.unsqueeze(-2) * W).sum(-1)
+
+
+def anl_cast(z, H, W_s, act, ct, dt):
+    """sigma(z) computed in ct and cast to dt, in one function so that torch.compile fuses it (AuroRALinear.fused)."""
+    return anl(z.to(ct), H, W_s, act, _small_linear).to(dt)
+
+
+_compiled = {}
+
+
+def _fused(fn):
+    """fn through torch.compile (inductor), one compiled graph per shape and dtype (dynamic=False)."""
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=False)
+    return _compiled[fn]
+
+
 class AuroRALinear(nn.Module):
     exact_merge: bool  # set per instance: True for mode="static", False for mode="dynamic"
+    fused = True  # on CUDA, training's sigma runs as torch.compile'd kernels (anl_cast): the same math, fewer launches
+    # (not under no_grad, where sampling's growing lengths would recompile per shape)
 
     def __init__(self, base: nn.Linear, r: int = 2, alpha: float = None, dropout: float = 0.0,
                  mode: str = "dynamic", fixed: bool = True, learnable: bool = True, fixed_activation: str = "tanh"):
@@ -101,13 +136,7 @@ class AuroRALinear(nn.Module):
 
     def sigma(self, z: torch.Tensor) -> torch.Tensor:
         """The ANL on the last axis of z (..., r) -> (..., r), in z's dtype (autocast off)."""
-        with torch.autocast(z.device.type, enabled=False):
-            # F(z) = act(H act(z)), Eq. 6 with tanh (Table 5: LeakyReLU, Sigmoid); dropped for "w/o F" (Table 4)
-            F_z = self.act(F.linear(self.act(z), self.H.to(z.dtype))) if self.fixed else 0.0
-            # L(z) = W_s s(z), Eq. 7; dropped for "w/o L". s(z) sums the r channels' 8 basis values (as Eq. 7
-            # writes it). Deviation: W_s is r x 8 (each output channel its own mix), Eq. 7 states R^r (docstring)
-            L_z = F.linear(bspline(z).sum(-2), self.W_s.to(z.dtype)) if self.learnable else 0.0
-            return F_z + L_z  # sigma(z) = F(z) + L(z), Eqs. 5 and 8
+        return anl(z, self.H if self.fixed else None, self.W_s if self.learnable else None, self.act)
 
     def forward(self, x):
         # the x-sized matmuls run in the activations' dtype (float32 factors cast down, as autocast would);
@@ -115,12 +144,14 @@ class AuroRALinear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])
         h = self.base(x2)
         x_, dt, ct = self.dropout(x2), h.dtype, torch.promote_types(x.dtype, torch.float32)
+        H, W_s = (self.H if self.fixed else None), (self.W_s if self.learnable else None)
+        sigma = _fused(anl_cast) if self.fused and x.is_cuda and torch.is_grad_enabled() else lambda z, *a: anl(z.to(ct), *a[:3]).to(dt)
         if self.mode == "dynamic":
-            u = self.sigma(F.linear(x_, self.A.to(dt)).to(ct))  # sigma(A x): input-dependent, Eq. 4
+            u = sigma(F.linear(x_, self.A.to(dt)), H, W_s, self.act, ct, dt)  # sigma(A x): input-dependent, Eq. 4
         else:
-            u = F.linear(x_, self.sigma(self.A.T.to(ct)).T.to(dt))  # sigma(A) x: sigma on each column of A, Eq. 9
+            u = F.linear(x_, sigma(self.A.T, H, W_s, self.act, ct, dt).T)  # sigma(A) x: sigma on each column of A, Eq. 9
         # the second matmul adds into W0 x in place (addmm_, beta = 1, alpha = scale): no update-sized tensor or add
-        h.addmm_(u.to(dt), self.B.to(dt).T, alpha=self.scale)
+        h.addmm_(u, self.B.to(dt).T, alpha=self.scale)
         return h.view(*x.shape[:-1], -1)
 
     def delta_weight(self) -> torch.Tensor:

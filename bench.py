@@ -3,15 +3,17 @@
     python bench.py --preset cpu                    # built-in GPT (GPTConfig defaults), block 128, batch 32
     python bench.py --preset gpu --out bench.json   # LLaMA-3.2-1B shape, random weights, bf16, 16 x 1024 tokens
 
-For every variant, one training step (forward, cross-entropy, backward, AdamW) is timed after
-warm-up, CUDA events on a GPU and perf_counter on the CPU, and the median of many is kept. The
+For every variant, one training step is timed after warm-up, CUDA events on a GPU and perf_counter
+on the CPU, and the median of many is kept: engine.Step, the step train.py runs (forward under
+autocast, the loss in float32, backward, gradient-norm clip, AdamW; --cuda-graph: captured once and
+replayed, as train.py does on CUDA). The
 variants take turns within each repetition (the order rotates), so clock and thermal drift hit
 all of them alike. Variants:
   floor    the frozen model with no adapter. Nothing trains, so to keep backward meaningful the
            embedding output is made a leaf that requires grad: backward then runs through every
            layer (activation gradients only, no weight gradients, no optimizer step).
   lora, genlora, lrlora, aurora, ranlora   each adapter on every projection (q,k,v,o,gate,up,down)
-           through train.inject, AdamW on the adapter parameters only.
+           (with train.py's defaults for it, config.ADAPTERS), AdamW on the adapter parameters only.
   hf_floor, peft   (GPU preset, if transformers and peft import) transformers.LlamaForCausalLM of the
            same shape, frozen as above, and with HF PEFT's LoRA (same r, alpha, targets).
 Peak memory per variant is what the variant alone would hold: the bytes it keeps resident (weights,
@@ -33,10 +35,11 @@ import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import adapt
-import train
+import config
+import engine
+from engine import sync
 from nanogpt_model import GPT, GPTConfig, LLaMA, LLaMAConfig, load_llama
 
 ADAPTERS = ("lora", "genlora", "lrlora", "aurora", "ranlora")
@@ -62,6 +65,7 @@ PRESETS = {
 }
 RANKS = {"lora": 8, "genlora": 8, "lrlora": 8, "aurora": 2, "ranlora": 2}  # the issue's settings; alpha: class defaults
 SETTINGS = {"aurora_static": ("aurora", {"mode": "static"})}  # variants that are an adapter with other settings (AuroRA-S)
+LR = 1e-5  # the steps' learning rate: small, so that hundreds of timed steps leave the weights near where they began
 
 
 T0 = time.perf_counter()
@@ -70,11 +74,6 @@ T0 = time.perf_counter()
 def progress(msg):
     """What bench.py is doing, as it does it (stderr; a full GPU run takes minutes)."""
     print(f"[{time.perf_counter() - T0:6.1f} s] {msg}", file=sys.stderr, flush=True)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def resident_storages(model, opt=None):
@@ -103,32 +102,26 @@ def saved_storages(seen):
 
 
 class Variant:
-    """One model to time: its forward, its trainable parameters and optimizer."""
+    """One model to time: its trainable parameters, its optimizer, and its training step (engine.Step, eager)."""
 
-    def __init__(self, name, model, logits_of=None, adapters=None, embedding=None):
-        self.name, self.model, self.adapters = name, model, adapters or {}
-        self.logits_of = logits_of or (lambda m, x: m(x))
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.trainable = sum(p.numel() for p in params)
-        dev = next(model.parameters()).device
-        self.opt = torch.optim.AdamW(params, lr=1e-5) if params else None
-        if self.opt is not None:
-            train.optimizer_on_device(self.opt, str(dev))  # as train.py runs it: capturable on CUDA, the lr a tensor
-        self.params = params
+    def __init__(self, name, model, dtype, batch_shape, logits_of=None, adapters=None, embedding=None):
+        self.name, self.model, self.adapters, self.dtype, self.batch_shape = name, model, adapters or {}, dtype, batch_shape
+        self.fwd = (lambda x: logits_of(model, x)) if logits_of else model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.trainable = sum(p.numel() for p in self.params)
+        self.device = str(next(model.parameters()).device)
+        self.opt = torch.optim.AdamW(self.params, lr=LR) if self.params else None  # None: the floor trains nothing
+        self.step = self.new_step(cuda_graph=False)
         if embedding is not None:  # the floor: make the embedding output a leaf that needs grad
             embedding.register_forward_hook(lambda m, i, out: out.detach().requires_grad_())
         self.times, self.peak, self.first_s = [], None, None
         self.graph_times, self.graph_error = [], None
 
-    def step(self, x, y, zero_grad=True):
-        logits = self.logits_of(self.model, x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # as train.py: the loss in float32
-        loss.backward()
-        if self.opt is not None:
-            self.opt.step()
-            if zero_grad:  # a captured step keeps its gradients' memory: each replay refills it
-                self.opt.zero_grad(set_to_none=True)
-        return loss
+    def new_step(self, cuda_graph, note=print):
+        return engine.Step(self.fwd, self.opt, self.params, self.device, self.dtype, self.batch_shape, cuda_graph, note)
+
+    def run(self, x, y):
+        return self.step(x, y, LR, 0)
 
 
 def timed(fn, device):
@@ -151,17 +144,12 @@ def measure_peak(v, x, y, device):
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-        v.step(x, y)
+        v.run(x, y)
         sync(device)
         return sum(resident_storages(v.model, v.opt).values()) + torch.cuda.max_memory_allocated(device) - before
     saved = {}
-    with saved_storages(saved):
-        logits = v.logits_of(v.model, x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-    loss.backward()
-    if v.opt is not None:
-        v.opt.step()
-        v.opt.zero_grad(set_to_none=True)
+    with saved_storages(saved):  # what forward saves (backward saves nothing: no double backward)
+        v.run(x, y)
     resident = resident_storages(v.model, v.opt)  # after the step: AdamW's state exists
     return sum(resident.values()) + sum(b for s, b in saved.items() if s not in resident)
 
@@ -188,7 +176,7 @@ def embedding_of(model):
     return model.wte if isinstance(model, GPT) else model.embed_tokens
 
 
-def hf_variants(base, device, dtype, targets, r, alpha):
+def hf_variants(base, device, dtype, batch_shape, targets, r, alpha):
     """transformers.LlamaForCausalLM of the base's shape: frozen (hf_floor) and with HF PEFT's LoRA (peft)."""
     out, notes = [], []
     try:
@@ -209,11 +197,12 @@ def hf_variants(base, device, dtype, targets, r, alpha):
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # lm_head: tied
     assert hf.lm_head.weight is hf.model.embed_tokens.weight
     floor = share_copy(hf)  # before PEFT wraps hf in place
-    out.append(Variant("hf_floor", floor, logits, embedding=floor.model.embed_tokens))
+    kw = dict(dtype=str(dtype).removeprefix("torch."), batch_shape=batch_shape, logits_of=logits)
+    out.append(Variant("hf_floor", floor, embedding=floor.model.embed_tokens, **kw))
     try:
         import peft
         lcfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=[f"{t}_proj" for t in targets])
-        out.append(Variant("peft", peft.get_peft_model(hf, lcfg), logits))
+        out.append(Variant("peft", peft.get_peft_model(hf, lcfg), **kw))
         notes.append(f"transformers {transformers.__version__}, peft {peft.__version__} (adapter weights "
                      f"{next(p for p in out[-1].model.parameters() if p.requires_grad).dtype})")
     except ImportError as e:
@@ -226,7 +215,7 @@ def bench_steps(variants, x, y, device, reps, warmup):
         progress(f"warm-up and peak memory: {v.name}")
         for i in range(warmup):
             t = time.perf_counter()
-            v.step(x, y)
+            v.run(x, y)
             sync(device)
             if i == 0:  # with --compile: the first compile (of this variant's graphs) is in it
                 v.first_s = time.perf_counter() - t
@@ -236,25 +225,24 @@ def bench_steps(variants, x, y, device, reps, warmup):
     for i in range(reps):  # interleaved, the order rotating each repetition so drift cancels
         progress(f"timing: repetition {i + 1} of {reps}, {len(variants)} variants")
         for v in variants[i % len(variants):] + variants[: i % len(variants)]:
-            v.times.append(timed(lambda: v.step(x, y), device))
+            v.times.append(timed(lambda: v.run(x, y), device))
 
 
 def bench_graphs(variants, x, y, device, reps):
-    """Each variant's step captured as one CUDA graph (train.capture, as train.py does), then its replays timed. A graph
-    keeps its activations' memory for good, so the variants take turns whole (one graph alive at a time: the 1B shape
-    holds ~50 GiB a graph), not interleaved as the eager steps are. A variant that cannot be captured keeps the error."""
+    """Each variant's step captured as one CUDA graph (engine.Step with cuda_graph, as train.py runs it), then its
+    steps timed (the batch copied in, the lr filled, one replay). A graph keeps its activations' memory for good, so
+    the variants take turns whole (one graph alive at a time: the 1B shape holds ~50 GiB a graph), not interleaved as
+    the eager steps are. A variant that cannot be captured keeps the reason."""
     for v in variants:
         progress(f"the step as one CUDA graph: {v.name}, {reps} replays")
-        if v.opt is not None:
-            v.opt.zero_grad(set_to_none=True)
-        try:
-            graph = train.capture(lambda: v.step(x, y, zero_grad=False), v.params, v.opt)[0]
-        except RuntimeError as e:
-            v.graph_error = str(e).splitlines()[0][:160]
+        notes = []
+        step = v.new_step(cuda_graph=True, note=notes.append)
+        step(x, y, LR, 0)  # captures (after an undone warm-up step), then replays once
+        if step.graph is None:
+            v.graph_error = notes[0] if notes else "not captured"
             continue
-        graph.replay()
-        v.graph_times = [timed(graph.replay, device) for _ in range(reps)]
-        del graph
+        v.graph_times = [timed(lambda: step(x, y, LR, 0), device) for _ in range(reps)]
+        step = None  # its graph's memory freed before the next variant's capture
         for p in v.params:
             p.grad = None
         torch.cuda.empty_cache()
@@ -279,9 +267,7 @@ def merged_copy(v):
     except NotImplementedError as e:
         return None, str(e).split(":")[0]
     model = share_copy(v.model)
-    for n, lin in merged.items():
-        parent, _, child = n.rpartition(".")
-        setattr(model.get_submodule(parent), child, lin)
+    adapt.put(model, merged)
     return model, None
 
 
@@ -362,15 +348,15 @@ def main(argv=None):
     variants = []
     if "floor" in wanted:
         m = share_copy(base)
-        variants.append(Variant("floor", m, embedding=embedding_of(m)))
-    for name in [n for n in wanted if n in train.ADAPTERS or n in SETTINGS]:
+        variants.append(Variant("floor", m, cfg["dtype"], x.shape, embedding=embedding_of(m)))
+    for name in [n for n in wanted if n in config.ADAPTERS or n in SETTINGS]:
         progress(f"wrapping the base with {name}")
         adapter, kwargs = SETTINGS.get(name, (name, {}))
         m = share_copy(base)
         torch.manual_seed(0)
         sync(device)
         t = time.perf_counter()
-        adapters = train.inject(m, adapter, TARGETS, {"r": RANKS[adapter], **kwargs})
+        adapters = adapt.inject(m, config.adapter_class(adapter), TARGETS, {**config.ADAPTERS[adapter].kwargs, "r": RANKS[adapter], **kwargs})
         sync(device)
         if name.startswith("ranlora"):  # every target weight's SVD, as the adapter runs it (on the weight's device)
             results["ranlora_init"] = {"modules": len(adapters), "wall_s": time.perf_counter() - t}
@@ -378,9 +364,9 @@ def main(argv=None):
             for a in adapters.values():
                 nn.init.normal_(a.a, 0.0, 0.01)
                 nn.init.normal_(a.B, 0.0, 0.01)
-        variants.append(Variant(name, m, adapters=adapters))
+        variants.append(Variant(name, m, cfg["dtype"], x.shape, adapters=adapters))
     if cfg["model"] == "llama" and {"hf_floor", "peft"} & set(wanted):
-        hv, n = hf_variants(base, device, dtype, TARGETS, RANKS["lora"], 16)
+        hv, n = hf_variants(base, device, dtype, x.shape, TARGETS, RANKS["lora"], 16)
         variants += [v for v in hv if v.name in wanted]
         notes += n
     if args.compile:  # regional: each transformer block compiled, one compiled graph serves all (same code, same shapes)
@@ -427,7 +413,7 @@ def main(argv=None):
         with open(args.profile, "w") as f:
             for v in variants:
                 with profile(activities=acts) as prof:
-                    v.step(x, y)
+                    v.run(x, y)
                     sync(device)
                 ev = prof.key_averages()
                 kernels = sum(e.count for e in ev if e.device_type.name == "CUDA") if device.type == "cuda" else None
@@ -437,7 +423,7 @@ def main(argv=None):
     if "inference" not in skip:  # merged models are plain Linears again: they should run as the base does
         progress("inference: merged models against the base")
         for v in variants:
-            v.opt = None
+            v.opt = v.step = None  # AdamW's state freed
         models, merge_notes = {"base": base}, {}
         for v in variants:
             if v.adapters:
@@ -492,7 +478,7 @@ def print_table(r):
                                                         for n, s in r["inference"].items()))
     if "ranlora_init" in r:
         i = r["ranlora_init"]
-        print(f"RanLoRA init: {i['modules']} modules, {i['wall_s']:.2f} s (train.inject wall, decompositions included)")
+        print(f"RanLoRA init: {i['modules']} modules, {i['wall_s']:.2f} s (adapt.inject wall, decompositions included)")
     if "checkpoint" in r:
         c = r["checkpoint"]
         print(f"checkpoint: {gib(c['bytes'])}: load_llama to {c['device']} {c['load_s']:.3f} s, "

@@ -4,46 +4,19 @@ Fixtures here are session-scoped where they are expensive (the tiny text, the bu
 pretraining, the tiny HF checkpoints, SmolLM2's conversion): made once per run, whichever topics run.
 The helpers are imported by the test files with `from conftest import *` (see __all__).
 """
-import argparse
-import contextlib
-import copy
-import io
 import json
-import math
 import os
-import random
-import re
-import shutil
-import signal
-import struct
 import subprocess
 import sys
-import textwrap
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.func import functional_call
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-import adapt
-import bench
-import checkpoints
 import nanogpt_model as M
-import data
-import diagnostics
-import plots
 import train
-from aurora import AuroRALinear, bspline
-from genlora import GenLoRALinear
-from lora import LoRALinear
-from lrlora import LRLoRALinear, stable_rank
 from nanogpt_model import GPT, GPTConfig
-from ranlora import RanLoRALinear
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # the repository root
 torch.set_num_threads(1)  # one thread, as the suite always ran (the LLaMA tests set it at import)
@@ -264,7 +237,6 @@ def llama_smollm2_dir():
 def llama_smollm2_models(llama_smollm2_dir):
     from transformers import LlamaForCausalLM
     return M.load_llama(llama_smollm2_dir).eval(), LlamaForCausalLM.from_pretrained(llama_smollm2_dir, dtype=torch.float32).eval()
-
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from adapt import put
+from adapt import merged, put
 from lrlora import LRLoRALinear, transfer_at_zero
 
 
@@ -91,7 +91,8 @@ def merge_check(model, adapters, x, y):
     loss = lambda logits: F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
     exact = all(a.exact_merge for a in adapters.values())
     try:
-        merged = {n: a.merged() for n, a in adapters.items()}
+        with merged(model, adapters, exact_only=False):
+            merged_logits = model(x)
     except NotImplementedError as e:
         with_adapter = tokens_per_s(model, x)
         put(model, {n: a.base for n, a in adapters.items()})
@@ -99,11 +100,6 @@ def merge_check(model, adapters, x, y):
         put(model, adapters)
         return {"exact": False, "max_abs_logit_diff": None, "relative_diff": None, "val_loss_unmerged": loss(unmerged), "val_loss_merged": None,
                 "tokens": x.numel(), "reason": str(e), "inference_tokens_per_s": {"with_adapter": with_adapter, "base_layers_only": without}}
-    put(model, merged)
-    try:
-        merged_logits = model(x)
-    finally:
-        put(model, adapters)
     diff = (merged_logits - unmerged).abs().max().item()
     rel = diff / unmerged.abs().max().item()
     reason = None if exact else "approximate: merged() is the method's static inference form, not its training-time forward"
@@ -134,6 +130,21 @@ def merge_line(m):
 
 # ----------------------------------------------------------------------------------------------
 # comparing methods: one table (the figure: plots.plot_compare)
+
+
+def finish_lines(m, out, figure, skipped_plot):
+    """What train.py prints after a run: the losses and speed, task accuracy, the merge check, the sample, what it saved."""
+    lines = [f"val loss {m['val_loss_before']:.4f} -> {m['val_loss_after']:.4f}; {m['tokens_per_s']:,.0f} tokens/s; "
+             f"after the last step: {', '.join(f'{k} {v:.2f} s' for k, v in m['finish_s'].items())}"]
+    if m.get("task"):
+        lines.append(f"task accuracy {m['task_before']['accuracy']:.1%} -> {m['task']['accuracy']:.1%} "
+                     f"({m['task']['n']} problems of {m['task_file']}, {m['task']['seconds']:.1f} s)")
+    if m["merge"]:
+        lines.append(merge_line(m["merge"]))
+    if m["sample"] is not None:
+        lines.append(f"sample: {m['sample']!r}"[:400])
+    fig = f", {figure}" if m["plot"] else "" if "plot" in m["errors"] or skipped_plot else f" (pip install matplotlib for {figure})"
+    return lines + [f"saved {out}/adapter.pt, metrics.json" + (", sample.txt" if m["sample"] is not None else "") + fig]
 
 
 def compare_table(results):

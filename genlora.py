@@ -48,10 +48,52 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def generate(z, theta, mu, groups: int, h: float, eps: float, normalize: bool = True, bmm=torch.bmm):
+    """All r generators on one latent z (d,) with θ (G, 1+K, r): the (d, r) matrix whose column i is f_i(z), autocast off."""
+    with torch.autocast(z.device.type, enabled=False):  # the parameter-side math stays in z's dtype under autocast
+        if normalize:
+            # Eqs. 5-6: split z into G groups, normalize each by its own mean and deviation: GroupNorm of one
+            # sample, one fused kernel. Its ε sits inside the root, (x - μ)/sqrt(σ² + ε²): Eq. 6's (x - μ)/(σ + ε)
+            # up to O(ε/σ), with a finite gradient at σ = 0 (z_B = 0 at init), where d√var/dvar is infinite and
+            # a hand-written √var gives NaN. Not specified by the paper: population σ (as InstanceNorm, Alg. 1)
+            x_hat = F.group_norm(z[None], groups, eps=eps ** 2).view(groups, -1)  # (G, d_g)
+        else:
+            x_hat = z.view(groups, -1)  # Table 4 "w.o. Norm": Eq. 5's groups, Eq. 6 dropped
+        # Eqs. 7-8: the responses SiLU(x̂) and φ_1..φ_K(x̂) are computed once, shared by all r generators
+        rbf = torch.exp(-((x_hat[..., None] - mu) / h) ** 2)  # (G, d_g, K)       Eq. 8
+        basis = torch.cat([F.silu(x_hat)[..., None], rbf], dim=-1)  # (G, d_g, 1 + K)
+        # Eqs. 7, 9 and 5: φ_{i,g} = w_b SiLU(x̂_g) + Σ_k w_k φ_k(x̂_g), groups concatenated along d
+        return bmm(basis, theta).view(z.shape[0], -1)  # (G, d_g, r) -> (d, r)
+
+
+def _small_bmm(basis, theta):
+    """torch.bmm as a broadcast product and sum over its 1 + K terms: a pointwise reduction that torch.compile fuses
+    into the generator's one kernel, where a bmm would be a launch of its own (the fused path)."""
+    return (basis[..., None] * theta[:, None]).sum(-2)
+
+
+def generated_factors(z_A, theta_A, z_B, theta_B, mu, groups, h, eps, normalize, ct, dt):
+    """A (r, in) and B (out, r), generated in ct and cast to dt: forward's parameter side, in one function, so that
+    torch.compile can fuse all of it (GenLoRALinear.fused)."""
+    gen = lambda z, theta: generate(z.to(ct), theta.to(ct), mu.to(ct), groups, h, eps, normalize, _small_bmm)
+    return gen(z_A, theta_A).T.to(dt), gen(z_B, theta_B).to(dt)
+
+
+_compiled = {}
+
+
+def _fused(fn):
+    """fn through torch.compile (inductor), one compiled graph per shape and dtype (dynamic=False)."""
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=False)
+    return _compiled[fn]
+
+
 class GenLoRALinear(nn.Module):
     exact_merge = True  # B and A are fixed matrices once trained: merged() reproduces forward()
     eps = 1e-5  # ε of Eq. 6 (not specified by the paper: its value)
     paper_groups = 16  # G of the paper's main setting (App. I.3)
+    fused = True  # on CUDA, forward's generators run as torch.compile'd kernels (generated_factors): the same math, fewer launches
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = None, dropout: float = 0.0,
                  groups: int = None, num_centers: int = 15, freeze_latents=False, normalize: bool = True):
@@ -97,21 +139,7 @@ class GenLoRALinear(nn.Module):
         """All r generators on one latent z (d,): the (d, r) matrix whose column i is f_i(z), computed in dtype
         (default: the parameters' dtype) with autocast off."""
         dtype = dtype or z.dtype
-        z, theta, mu = z.to(dtype), theta.to(dtype), self.mu.to(dtype)
-        with torch.autocast(z.device.type, enabled=False):  # the parameter-side math stays in dtype under autocast
-            if self.normalize:
-                # Eqs. 5-6: split z into G groups, normalize each by its own mean and deviation: GroupNorm of one
-                # sample, one fused kernel. Its ε sits inside the root, (x - μ)/sqrt(σ² + ε²): Eq. 6's (x - μ)/(σ + ε)
-                # up to O(ε/σ), with a finite gradient at σ = 0 (z_B = 0 at init), where d√var/dvar is infinite and
-                # a hand-written √var gives NaN. Not specified by the paper: population σ (as InstanceNorm, Alg. 1)
-                x_hat = F.group_norm(z[None], self.groups, eps=self.eps ** 2).view(self.groups, -1)  # (G, d_g)
-            else:
-                x_hat = z.view(self.groups, -1)  # Table 4 "w.o. Norm": Eq. 5's groups, Eq. 6 dropped
-            # Eqs. 7-8: the responses SiLU(x̂) and φ_1..φ_K(x̂) are computed once, shared by all r generators
-            rbf = torch.exp(-((x_hat[..., None] - mu) / self.h) ** 2)  # (G, d_g, K)       Eq. 8
-            basis = torch.cat([F.silu(x_hat)[..., None], rbf], dim=-1)  # (G, d_g, 1 + K)
-            # Eqs. 7, 9 and 5: φ_{i,g} = w_b SiLU(x̂_g) + Σ_k w_k φ_k(x̂_g), groups concatenated along d
-            return torch.bmm(basis, theta).view(z.shape[0], self.r)  # (G, d_g, r) -> (d, r)
+        return generate(z.to(dtype), theta.to(dtype), self.mu.to(dtype), self.groups, self.h, self.eps, self.normalize)
 
     @property
     def B(self) -> torch.Tensor:
@@ -127,10 +155,14 @@ class GenLoRALinear(nn.Module):
         # autocast would, so the x-sized matmuls run there: a float32 copy of x per adapter cost more than GenLoRA
         # itself (bench.py, H100, bf16 LLaMA-1B: 437 -> 339 ms/step, 68.4 -> 54.4 GiB peak)
         ct = torch.promote_types(x.dtype, torch.float32)
-        A, B = self.generate(self.z_A, self.theta_A, ct).T, self.generate(self.z_B, self.theta_B, ct)
         x2 = x.reshape(-1, x.shape[-1])
         h = self.base(x2)  # the second matmul adds into W0 x in place (addmm_, beta = 1, alpha = scale), as in lora.py
-        h.addmm_(F.linear(self.dropout(x2), A.to(h.dtype)), B.to(h.dtype).T, alpha=self.scale)  # Eq. 4
+        if self.fused and x.is_cuda:  # the same generators, compiled: a few kernels a step instead of ~40 per layer
+            A, B = _fused(generated_factors)(self.z_A, self.theta_A, self.z_B, self.theta_B, self.mu, self.groups,
+                                             self.h, self.eps, self.normalize, ct, h.dtype)
+        else:
+            A, B = self.generate(self.z_A, self.theta_A, ct).T.to(h.dtype), self.generate(self.z_B, self.theta_B, ct).to(h.dtype)
+        h.addmm_(F.linear(self.dropout(x2), A), B.T, alpha=self.scale)  # Eq. 4
         return h.view(*x.shape[:-1], -1)
 
     def delta_weight(self) -> torch.Tensor:

@@ -72,8 +72,26 @@ def singular_triplets(W: torch.Tensor, r: int, largest: bool = False):
     return U[:, pick], S[pick], Vh[pick], S[0]
 
 
+def modulate(z, v, act, ct, dt):
+    """v ⊙ act(z) (Eq. 8's bottleneck; act(z) alone if v is None), computed in ct and cast to dt."""
+    z = z.to(ct)
+    return (act(z) if v is None else v.to(ct) * act(z)).to(dt)
+
+
+_compiled = {}
+
+
+def _fused(fn):
+    """fn through torch.compile (inductor), one compiled graph per shape and dtype (dynamic=False)."""
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=False)
+    return _compiled[fn]
+
+
 class RanLoRALinear(nn.Module):
     exact_merge = False  # for the default GELU; each instance sets it from its activation
+    fused = True  # on CUDA, training's v ⊙ GELU runs as torch.compile'd kernels (modulate): the same math, fewer launches
+    # (not under no_grad, where sampling's growing lengths would recompile per shape)
 
     def __init__(self, base: nn.Linear, r: int = 2, alpha: float = None, dropout: float = 0.0, activation: str = "gelu",
                  modulation: bool = True, init: str = "residual"):
@@ -138,9 +156,9 @@ class RanLoRALinear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])
         h = self.base(x2)  # W_P x; s B (v ⊙ GELU(A x)) is added into it in place (addmm_, beta = 1, alpha = s)
         dt, ct = h.dtype, torch.promote_types(x.dtype, torch.float32)
-        z = F.linear(self.dropout(x2), self.A.to(dt)).to(ct)  # A x
-        u = self.act(z) if self.v is None else self.v.to(ct) * self.act(z)  # v ⊙ GELU(A x)
-        h.addmm_(u.to(dt), self.B.to(dt).T, alpha=self.scale)  # W_P x + s B (v ⊙ GELU(A x))   (Eq. 8)
+        z = F.linear(self.dropout(x2), self.A.to(dt))  # A x
+        gate = _fused(modulate) if self.fused and x.is_cuda and torch.is_grad_enabled() else modulate  # compiled: training
+        h.addmm_(gate(z, self.v, self.act, ct, dt), self.B.to(dt).T, alpha=self.scale)  # W_P x + s B (v ⊙ GELU(A x)) (Eq. 8)
         return h.view(*x.shape[:-1], -1)
 
     @torch.no_grad()

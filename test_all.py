@@ -10,7 +10,7 @@ recomputation written plainly here, HF PEFT / transformers where installed, nump
 import importlib
 
 TOPICS = ["lora", "genlora", "lrlora", "aurora", "ranlora", "adapters", "train", "llama", "checkpoints", "tokenizers",
-          "bench", "plots", "export", "study"]
+          "bench", "plots", "export", "study", "fused"]
 
 _from = {}  # test name -> the topic that defines it: a name defined twice would silently run only one of the two
 for _topic in TOPICS:

@@ -1,48 +1,21 @@
 """Checkpoint files (checkpoints.py): loader errors, memory, read_safetensors.
 
 Run alone: python -m pytest -q tests/test_checkpoints.py (test_all.py runs every topic)."""
-import argparse
-import contextlib
-import copy
-import io
 import json
-import math
 import os
 import random
-import re
-import shutil
-import signal
 import struct
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from torch.func import functional_call
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-import adapt
-import bench
-import checkpoints
 import nanogpt_model as M
-import data
-import diagnostics
-import plots
-import train
-from aurora import AuroRALinear, bspline
-from genlora import GenLoRALinear
-from lora import LoRALinear
-from lrlora import LRLoRALinear, stable_rank
-from nanogpt_model import GPT, GPTConfig
-from ranlora import RanLoRALinear
 
-from conftest import *  # noqa: F401,F403  (the shared helpers; the shared fixtures come from conftest.py itself)
+from conftest import FAST, HERE, llama_needs_hf, llama_needs_st, run_in_process
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,48 +1,23 @@
 """train.py --export and --generate (export.py).
 
 Run alone: python -m pytest -q tests/test_export.py (test_all.py runs every topic)."""
-import argparse
-import contextlib
-import copy
-import io
 import json
-import math
-import os
-import random
-import re
 import shutil
-import signal
-import struct
-import subprocess
-import sys
-import textwrap
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from torch.func import functional_call
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import adapt
-import bench
 import checkpoints
 import nanogpt_model as M
-import data
-import diagnostics
-import plots
 import train
-from aurora import AuroRALinear, bspline
-from genlora import GenLoRALinear
-from lora import LoRALinear
-from lrlora import LRLoRALinear, stable_rank
 from nanogpt_model import GPT, GPTConfig
-from ranlora import RanLoRALinear
 
-from conftest import *  # noqa: F401,F403  (the shared helpers; the shared fixtures come from conftest.py itself)
+from conftest import (
+    FAST, llama_assert_close_rel, llama_meta_shaped_hf, llama_needs_hf, llama_needs_st, llama_tokens,
+    llama_write_meta, randomize_, run_in_process,
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,7 +41,7 @@ def export_adapter_pt(base_dir, path, name, kwargs, model=None, targets=None):
     adapters = train.inject(model, name, targets, kwargs)
     for i, a in enumerate(adapters.values()):
         randomize_(a, seed=i, std=0.1)
-    torch.save({"adapter": name, "targets": targets, "kwargs": kwargs, "base": f"LLaMA ({base_dir})", "state": train.adapt.adapter_state(adapters)}, path)
+    torch.save({"adapter": name, "targets": targets, "kwargs": kwargs, "base": f"LLaMA ({base_dir})", "state": adapt.adapter_state(adapters)}, path)
     return model, adapters
 
 
@@ -117,7 +92,7 @@ def test_export_transformers_loads_the_merged_model(llama_hf_dirs, tmp_path, nam
     hf = LlamaForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     with torch.no_grad():
         got, unmerged = hf(x).logits, model(x)
-        train.adapt.put(model, {n: a.merged() for n, a in adapters.items()})
+        adapt.put(model, {n: a.merged() for n, a in adapters.items()})
         llama_assert_close_rel(got, model(x), 1e-5)
         llama_assert_close_rel(got, unmerged, 1e-4)  # the merge check's tolerance
         assert (got - llama_hf_dirs[EXPORT_BASE][0](x).logits).abs().max() > 1e-2 * got.abs().max()  # the adapters matter
@@ -181,7 +156,7 @@ def test_export_lora_peft_format_reproduces_our_logits(llama_hf_dirs, tmp_path):
 def export_gpt_adapter_pt(path):
     model = GPT(GPTConfig())
     adapters = train.inject(model, "lora", ["q", "v"], {})
-    torch.save({"adapter": "lora", "targets": ["q", "v"], "kwargs": {}, "base": "built-in GPT", "state": train.adapt.adapter_state(adapters)}, path)
+    torch.save({"adapter": "lora", "targets": ["q", "v"], "kwargs": {}, "base": "built-in GPT", "state": adapt.adapter_state(adapters)}, path)
 
 
 @pytest.mark.parametrize("case", ["ranlora-gelu", "aurora-dynamic", "aurora-dynamic-no-metrics", "gpt", "meta", "missing", "not-adapter",
@@ -244,7 +219,7 @@ def test_export_aurora_dynamic_with_allow_approximate_says_the_gap(llama_hf_dirs
     with torch.no_grad():
         got = LlamaForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()(x).logits
         unmerged = model(x)
-        train.adapt.put(model, {n: a.merged() for n, a in adapters.items()})
+        adapt.put(model, {n: a.merged() for n, a in adapters.items()})
         llama_assert_close_rel(got, model(x), 1e-5)  # the paper's static form, as merged() builds it
         assert (got - unmerged).abs().max() > 1e-3 * unmerged.abs().max()  # which is not the trained function: hence the flag
 

@@ -1,48 +1,17 @@
 """The LLaMA architecture (nanogpt_model.py) against transformers, Meta's layout, real SmolLM2 weights.
 
 Run alone: python -m pytest -q tests/test_llama.py (test_all.py runs every topic)."""
-import argparse
-import contextlib
-import copy
-import io
 import json
-import math
-import os
-import random
-import re
-import shutil
-import signal
-import struct
-import subprocess
-import sys
-import textwrap
-import time
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from torch.func import functional_call
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-import adapt
-import bench
-import checkpoints
 import nanogpt_model as M
-import data
-import diagnostics
-import plots
-import train
-from aurora import AuroRALinear, bspline
-from genlora import GenLoRALinear
-from lora import LoRALinear
-from lrlora import LRLoRALinear, stable_rank
-from nanogpt_model import GPT, GPTConfig
-from ranlora import RanLoRALinear
 
-from conftest import *  # noqa: F401,F403  (the shared helpers; the shared fixtures come from conftest.py itself)
+from conftest import (
+    LAYERS, LLAMA_CONFIGS, T, VOCAB, llama_assert_close_rel, llama_hf_model, llama_meta_shaped_hf, llama_needs_hf,
+    llama_pydoc_text, llama_tokens, llama_write_meta,
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -54,8 +23,6 @@ from conftest import *  # noqa: F401,F403  (the shared helpers; the shared fixtu
 # written here in Meta's complex-number form (the q/k permutation).
 #
 # Test-only dependencies: transformers, safetensors, llama-models (pip install --no-deps).
-
-
 
 
 @llama_needs_hf
@@ -118,7 +85,6 @@ def test_llama_bf16_and_fp16_checkpoints(tmp_path):
                 p.copy_(p.to(dt).float())
         d = tmp_path / str(dt)
         ref.save_pretrained(d, safe_serialization=True)
-        cfg = json.loads((d / "config.json").read_text())
         from safetensors.torch import load_file, save_file
         save_file({k: v.to(dt) for k, v in load_file(d / "model.safetensors").items()}, d / "model.safetensors")
         half = M.load_llama(d)

@@ -1,23 +1,14 @@
 """LR-LoRA (lrlora.py).
 
 Run alone: python -m pytest -q tests/test_lrlora.py (test_all.py runs every topic)."""
-import argparse
 import contextlib
 import copy
-import io
-import json
 import math
 import os
-import random
-import re
 import shutil
-import signal
-import struct
 import subprocess
 import sys
 import textwrap
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,24 +16,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-import adapt
-import bench
-import checkpoints
-import nanogpt_model as M
-import data
 import diagnostics
-import plots
 import train
-from aurora import AuroRALinear, bspline
-from genlora import GenLoRALinear
 from lora import LoRALinear
 from lrlora import LRLoRALinear, stable_rank
-from nanogpt_model import GPT, GPTConfig
-from ranlora import RanLoRALinear
 
-from conftest import *  # noqa: F401,F403  (the shared helpers; the shared fixtures come from conftest.py itself)
+from conftest import HERE, randomize_
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,7 +163,7 @@ def test_lrlora_table_matches_float64_direct_sum(shape, bias, scale, fixed, cent
     def no_host_reads():  # what a CUDA graph cannot capture: a tensor's value read by Python
         with monkeypatch.context() as m:
             for name in ("tolist", "item", "__float__", "__int__", "__bool__", "__index__"):
-                m.setattr(torch.Tensor, name, lambda *a: pytest.fail(f"the fixed-size table read a value back to the host"))
+                m.setattr(torch.Tensor, name, lambda *a: pytest.fail("the fixed-size table read a value back to the host"))
             yield
 
     lrlora_check_against_float64(layer, x, guard=no_host_reads if fixed else contextlib.nullcontext)
@@ -481,12 +461,12 @@ def test_lrlora_other_starts_of_a(a_init):
 
 
 def test_lrlora_train_flags_choose_the_form_and_the_start():
-    args = lambda *f: train.parse_args(["--adapter", "lrlora", *f])
-    assert train.adapter_kwargs("lrlora", args())["center"] is True  # the study's better form is train.py's default
-    assert train.adapter_kwargs("lrlora", args("--no-lrlora-center"))["center"] is False
-    assert train.adapter_kwargs("lrlora", args("--lrlora-init", "small"))["a_init"] == "small"
+    kwargs = lambda name, *f: (lambda a: train.adapter_kwargs(name, a, train.setup(a)))(train.parse_args(["--adapter", name, "--device", "cpu", *f]))
+    assert kwargs("lrlora")["center"] is True  # the study's better form is train.py's default
+    assert kwargs("lrlora", "--no-lrlora-center")["center"] is False
+    assert kwargs("lrlora", "--lrlora-init", "small")["a_init"] == "small"
     with pytest.raises(train.UserError, match="--lrlora-center does not apply to --adapter lora"):
-        train.adapter_kwargs("lora", train.parse_args(["--adapter", "lora", "--lrlora-center"]))
+        kwargs("lora", "--lrlora-center")
 
 
 def test_lrlora_transfer_point_reports_f0_slope_and_span_over_modules():

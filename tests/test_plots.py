@@ -1,48 +1,26 @@
 """plots.py.
 
 Run alone: python -m pytest -q tests/test_plots.py (test_all.py runs every topic)."""
-import argparse
-import contextlib
-import copy
-import io
 import json
 import math
-import os
-import random
-import re
-import shutil
-import signal
-import struct
-import subprocess
 import sys
-import textwrap
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import adapt
-import bench
-import checkpoints
-import nanogpt_model as M
-import data
-import diagnostics
 import plots
 import train
-from aurora import AuroRALinear, bspline
+from aurora import AuroRALinear
 from genlora import GenLoRALinear
 from lora import LoRALinear
-from lrlora import LRLoRALinear, stable_rank
-from nanogpt_model import GPT, GPTConfig
+from lrlora import LRLoRALinear
 from ranlora import RanLoRALinear
 
-from conftest import *  # noqa: F401,F403  (the shared helpers; the shared fixtures come from conftest.py itself)
+from conftest import FAST, randomize_, tiny_gpt
 from tests.test_aurora import aurora_sigma_ref
 from tests.test_genlora import genlora_reference_factors
 

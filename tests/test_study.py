@@ -1,57 +1,27 @@
 """The study: task.py, tools/make_task.py, tools/study.py.
 
 Run alone: python -m pytest -q tests/test_study.py (test_all.py runs every topic)."""
-import argparse
 import contextlib
-import copy
-import io
+import itertools
 import json
-import math
 import os
 import random
-import re
-import shutil
-import signal
-import struct
-import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.func import functional_call
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-import adapt
-import bench
-import checkpoints
 import nanogpt_model as M
-import data
-import diagnostics
-import plots
-import train
-from aurora import AuroRALinear, bspline
-from genlora import GenLoRALinear
-from lora import LoRALinear
-from lrlora import LRLoRALinear, stable_rank
-from nanogpt_model import GPT, GPTConfig
-from ranlora import RanLoRALinear
+import task
 
-from conftest import *  # noqa: F401,F403  (the shared helpers; the shared fixtures come from conftest.py itself)
+from conftest import HERE, run_script
 
 
 # ----------------------------------------------------------------------------------------------
 # the study (issue 25): the task metric (task.py, tools/make_task.py), the runner (tools/study.py)
-
-import contextlib  # noqa: E402
-import itertools  # noqa: E402
-
-import task  # noqa: E402
 
 sys.path.insert(0, os.path.join(HERE, "tools"))
 import study  # noqa: E402

@@ -2,47 +2,34 @@
 
 Run alone: python -m pytest -q tests/test_train.py (test_all.py runs every topic)."""
 import argparse
-import contextlib
-import copy
-import io
 import json
-import math
 import os
-import random
 import re
-import shutil
 import signal
-import struct
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-import adapt
-import bench
-import checkpoints
 import nanogpt_model as M
 import data
 import diagnostics
+import engine
 import plots
 import train
-from aurora import AuroRALinear, bspline
-from genlora import GenLoRALinear
 from lora import LoRALinear
-from lrlora import LRLoRALinear, stable_rank
-from nanogpt_model import GPT, GPTConfig
-from ranlora import RanLoRALinear
+from nanogpt_model import GPTConfig
 
-from conftest import *  # noqa: F401,F403  (the shared helpers; the shared fixtures come from conftest.py itself)
+from conftest import (
+    FAST, HERE, LLAMA_CONFIGS, adapter_weights, llama_hf_model, llama_needs_hf, llama_needs_llama_models,
+    llama_pydoc_text, run_in_process, run_script,
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -50,16 +37,15 @@ from conftest import *  # noqa: F401,F403  (the shared helpers; the shared fixtu
 
 @pytest.mark.parametrize("name", ["lora", "lrlora"])
 def test_training_step_graph_path_matches_a_plain_loop_bit_for_bit(name, monkeypatch):
-    """train.Step, the one step train.py runs (static batch buffers, AdamW's lr a tensor set in place, dropout reseeded
+    """engine.Step, the one step train.py runs (static batch buffers, AdamW's lr a tensor set in place, dropout reseeded
     per step), against a plain loop written here: bit for bit, eagerly and along the CUDA-graph path. CI has no GPU,
-    so the graph is emulated on the CPU: capture runs train.run_undone's warm-up, and a replay re-runs the captured
+    so the graph is emulated on the CPU: capture runs engine.run_undone's warm-up, and a replay re-runs the captured
     step on fresh gradients into the same loss tensor, as a real replay refills the graph's memory."""
     cfg = M.LLaMAConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, max_position_embeddings=16)
-    args = argparse.Namespace(dtype="float32", device="cpu")
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randint(64, (3, 16), generator=g), torch.randint(64, (3, 16), generator=g)) for _ in range(5)]
-    lr = lambda step: 3e-2 * train.lr_factor(step, 5, 2)
+    lr = lambda step: 3e-2 * engine.lr_factor(step, 5, 2)
 
     def trained(kind):
         torch.manual_seed(0)
@@ -71,31 +57,30 @@ def test_training_step_graph_path_matches_a_plain_loop_bit_for_bit(name, monkeyp
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1.0, weight_decay=0.0)
         losses = []
-        if kind == "plain":  # the loop as it was written before train.Step
+        if kind == "plain":  # the loop as it was written before engine.Step
             for step, (x, y) in enumerate(batches):
                 for group in opt.param_groups:
                     group["lr"] = lr(step)
                 torch.manual_seed(1000 + step)
                 loss = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, train.GRAD_CLIP)
+                torch.nn.utils.clip_grad_norm_(params, engine.GRAD_CLIP)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 losses.append(loss.item())
         else:
-            train.optimizer_on_device(opt, "cpu")
-            step_fn = train.Step(model, opt, params, args, (3, 16), cuda_graph=kind == "graph")
+            step_fn = engine.Step(model, opt, params, "cpu", "float32", (3, 16), cuda_graph=kind == "graph")
             for step, (x, y) in enumerate(batches):
                 losses.append(step_fn(x, y, lr(step), 1000 + step).item())
             assert (step_fn.graph is not None) == (kind == "graph")
         return losses, [p.detach().clone() for p in params]
 
     def emulated_capture(step, params, opt):
-        train.run_undone(step, params, opt)
+        engine.run_undone(step, params, opt)
         out = torch.zeros(())
         return argparse.Namespace(replay=lambda: (opt.zero_grad(set_to_none=True), out.copy_(step().detach()))), out
 
-    monkeypatch.setattr(train, "capture", emulated_capture)
+    monkeypatch.setattr(engine, "capture", emulated_capture)
     want = trained("plain")
     for kind in ("eager", "graph"):
         got = trained(kind)
@@ -109,20 +94,20 @@ def test_run_undone_leaves_weights_and_optimizer_state_as_they_were():
     torch.manual_seed(0)
     p = nn.Parameter(torch.randn(5))
     opt = torch.optim.AdamW([p], lr=0.1)
-    train.optimizer_on_device(opt, "cpu")
+    engine.optimizer_on_device(opt, "cpu")
 
     def step():
         (p.square().sum()).backward()
         opt.step()
 
     before = p.detach().clone()
-    train.run_undone(step, [p], opt)
+    engine.run_undone(step, [p], opt)
     assert torch.equal(p, before) and p.grad is None
     assert all((v == 0).all() for v in opt.state[p].values())  # created by the warm-up: back to AdamW's initial zeros
     step()
     after = [p.detach().clone()] + [v.clone() for v in opt.state[p].values()]
     opt.zero_grad(set_to_none=True)
-    train.run_undone(step, [p], opt)
+    engine.run_undone(step, [p], opt)
     assert all(torch.equal(a, b) for a, b in zip(after, [p] + list(opt.state[p].values())))
 
 
@@ -186,13 +171,13 @@ def test_train_end_to_end_lora(tmp_path, tiny_text, train_cache, monkeypatch, ca
     # the saved adapter loads back onto a fresh base and reproduces the trained model's loss
     monkeypatch.setenv("NONLINEAR_LORA_CACHE", train_cache)
     args = train.parse_args(["--adapter", "lora", "--data", tiny_text, "--out-dir", str(tmp_path), *FAST])
-    train.base_skeleton(args)
-    model = train.load_base(args)
+    s = train.setup(args)
+    model = train.load_base(args, s)
     adapters, ckpt = train.load_adapter(model, str(tmp_path / "lora" / "adapter.pt"))
     assert set(ckpt["state"]) == {f"{n}.{k}" for n in adapters for k in ("A", "B")}
-    _, val = data.split_tokens(list(open(tiny_text, "rb").read()), args.block_size, "data")
-    batches = data.eval_batches(val, args.eval_iters, args.batch_size, args.block_size)
-    torch.testing.assert_close(train.evaluate(model, batches, args), m["val_loss_after"], rtol=1e-5, atol=1e-5)
+    _, val = data.split_tokens(list(open(tiny_text, "rb").read()), s.block_size, "data")
+    batches = data.eval_batches(val, args.eval_iters, s.batch_size, s.block_size)
+    torch.testing.assert_close(train.evaluate(model, batches, s.device, s.dtype), m["val_loss_after"], rtol=1e-5, atol=1e-5)
 
     # a second run does not silently replace the finished one; --overwrite does
     capsys.readouterr()
@@ -349,16 +334,17 @@ def test_two_commands_on_a_fresh_cache_pretrain_once(tmp_path, tiny_text):
 def test_pretraining_estimate_is_the_time_measured_here(tmp_path, monkeypatch, capsys):
     """The announced pretraining time comes from steps timed on this machine, not a constant (it said 1.5 min for a
     2:35 run): training steps slowed to 0.5 s here are announced as about what the pretraining then takes. A tiny GPT."""
-    monkeypatch.setattr(train, "GPTConfig", lambda: GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32))
+    tiny = lambda: GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)
+    monkeypatch.setattr(train, "GPTConfig", tiny)
+    monkeypatch.setattr("base.GPTConfig", tiny)
     real_forward, real_train = M.GPT.forward, train.train
     monkeypatch.setattr(M.GPT, "forward", lambda self, *a, **k: (torch.is_grad_enabled() and time.sleep(0.5), real_forward(self, *a, **k))[1])
     took = []
     monkeypatch.setattr(train, "train", lambda *a, **k: (t := time.perf_counter(), real_train(*a, **k), took.append(time.perf_counter() - t))[1])
     monkeypatch.setenv("NONLINEAR_LORA_CACHE", str(tmp_path))
     args = train.parse_args(["--base-steps", "4", "--device", "cpu"])
-    train.base_skeleton(args)
     capsys.readouterr()
-    train.pretrain_gpt(args)
+    train.pretrain_gpt(args, train.setup(args), str(tmp_path / "gpt.pt"))
     said = re.search(r"4 steps, about ([\d.]+) (s|min) here", capsys.readouterr().out)
     assert said, "the pretraining announcement gives no time measured here"
     estimate = float(said[1]) * (60 if said[2] == "min" else 1)
@@ -444,7 +430,7 @@ def test_train_zero_or_negative_count_is_one_line_naming_the_flag(tmp_path, tiny
 def test_train_short_runs_evaluate_at_most_every_15_steps():
     """The default interval: about 20 evaluations a run, but never closer than 15 steps (each evaluation and checkpoint
     costs several training steps: --steps 30 evaluated after every step); an explicit --eval-interval wins."""
-    interval = lambda *a: train.parse_args(["--device", "cpu", *a]).eval_interval
+    interval = lambda *a: train.setup(train.parse_args(["--device", "cpu", *a])).eval_interval
     assert [interval("--steps", str(s)) for s in (1, 30, 300, 301, 2000)] == [15, 15, 15, 15, 100]
     assert interval("--steps", "30", "--eval-interval", "1") == 1
 
@@ -453,7 +439,7 @@ def test_train_short_runs_evaluate_at_most_every_15_steps():
                                           ("AuroRA, RanLoRA", ["aurora", "ranlora"]), ("ALL", list(train.ADAPTERS))])
 def test_train_adapter_names_in_any_case(given, names):
     """--adapter takes the methods' names as the README spells them (GenLoRA, LR-LoRA); outputs go to the lower-case key."""
-    assert train.parse_args(["--adapter", given, "--device", "cpu"]).names == names
+    assert train.setup(train.parse_args(["--adapter", given, "--device", "cpu"])).names == names
 
 
 @pytest.mark.parametrize("given, suggested", [("genlorra", "genlora"), ("LR-LoRa2", "lrlora"), ("Aurora-S", "aurora"), ("al", "all")])
@@ -492,7 +478,7 @@ def test_load_adapter_is_strict(tmp_path, tiny_text, in_process, monkeypatch):
     """An adapter.pt that does not fit the model (another adapter, rank or model) is one error naming the mismatch."""
     assert in_process(["--adapter", "lora", "--data", tiny_text, *FAST, "--out-dir", str(tmp_path)]) == 0
     args = train.parse_args(["--adapter", "lora", *FAST])
-    train.base_skeleton(args)
+    s = train.setup(args)
     good = torch.load(tmp_path / "lora" / "adapter.pt")
     key = next(iter(good["state"]))
     cases = {"missing": ({**good, "state": {k: v for k, v in good["state"].items() if k != key}}, f"the model has {key}"),
@@ -502,7 +488,7 @@ def test_load_adapter_is_strict(tmp_path, tiny_text, in_process, monkeypatch):
     for name, (ckpt, expected) in cases.items():
         torch.save(ckpt, tmp_path / f"{name}.pt")
         with pytest.raises(train.UserError, match=re.escape(expected)):
-            train.load_adapter(train.load_base(args), str(tmp_path / f"{name}.pt"))
+            train.load_adapter(train.load_base(args, s), str(tmp_path / f"{name}.pt"))
     # --rank-report on a file that is not an adapter: says so (no advice meant for checkpoints)
     r = run_script("train.py", "--rank-report", str(tmp_path / "not an adapter.pt"), "--out-dir", str(tmp_path), *FAST, cache=os.environ["NONLINEAR_LORA_CACHE"])
     assert r.returncode == 2 and "not an adapter.pt" in r.stderr and "delete" not in r.stderr, r.stderr
@@ -537,12 +523,12 @@ def test_rank_stats_against_numpy_on_known_matrices():
              # above 144 x 144 a low-rank dW takes the sketch (exact when it captures dW), a dense one the full SVD
              "rank5 sketched": rng.standard_normal((300, 5)) @ rng.standard_normal((5, 400)) * np.logspace(0, -3, 400),
              "dense 300x400": rng.standard_normal((300, 400)) / 20}
-    for name, M in cases.items():
-        s = np.linalg.svd(M, compute_uv=False)
-        st = diagnostics.rank_stats(torch.tensor(M))  # float32 singular values, as on the model's device
+    for name, W in cases.items():
+        s = np.linalg.svd(W, compute_uv=False)
+        st = diagnostics.rank_stats(torch.tensor(W))  # float32 singular values, as on the model's device
         assert st["numerical_rank"] == int((s > 0.005).sum()), name
         assert st["stable_rank"] == pytest.approx((s**2).sum() / s[0] ** 2, rel=1e-5), name
-        assert st["energy"] == pytest.approx((M**2).sum(), rel=1e-9), name
+        assert st["energy"] == pytest.approx((W**2).sum(), rel=1e-9), name
         np.testing.assert_allclose(st["spectrum"], s[:64], rtol=1e-4, atol=1e-6 * s[0])
     assert diagnostics.rank_stats(torch.ones(20, 30))["stable_rank"] == pytest.approx(1.0)  # all-ones: rank one
     assert diagnostics.rank_stats(torch.eye(25))["stable_rank"] == pytest.approx(25.0)
@@ -617,11 +603,11 @@ def test_train_init_from_tiny_llama3_checkpoint(tmp_path, monkeypatch):
 def test_train_schedule_is_each_papers_with_init_from_and_unchanged_on_the_builtin_gpt():
     """--init-from: linear warm-up (100 steps; LR-LoRA 10%, App. E.1), then linear decay to 0, the warm-up capped at 10%
     of short runs; the built-in GPT keeps 20 warm-up steps and cosine to 10%."""
-    f = train.lr_factor
+    f = engine.lr_factor
     assert [f(s, 1000, 100, "linear") for s in (0, 49, 99, 100, 550)] == [0.01, 0.5, 1.0, 1.0, 0.5]
     assert f(999, 1000, 100, "linear") == pytest.approx(1 / 900) and f(1000, 1000, 100, "linear") == 0.0
-    assert [f(s, 300) for s in (0, 19, 20)] == [0.05, 1.0, 1.0] and f(299, 300) == pytest.approx(0.1, abs=1e-4)
-    assert f(160, 300) == pytest.approx(0.55)  # cosine: halfway through the decay, halfway from 1 to 0.1
+    assert [f(s, 300, 20) for s in (0, 19, 20)] == [0.05, 1.0, 1.0] and f(299, 300, 20) == pytest.approx(0.1, abs=1e-4)
+    assert f(160, 300, 20) == pytest.approx(0.55)  # cosine: halfway through the decay, halfway from 1 to 0.1
     def sched(adapter, steps, init_from="ckpt"):
         return train.schedule(adapter, train.parse_args(["--steps", str(steps), "--device", "cpu"] + ["--init-from", init_from] * bool(init_from)))
     for name in ("lora", "genlora", "aurora", "ranlora"):

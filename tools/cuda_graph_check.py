@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import data  # noqa: E402
+import config  # noqa: E402
 import train  # noqa: E402
 from random_llama import main as random_llama  # noqa: E402
 
@@ -37,7 +38,7 @@ def main():
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--block-size", type=int, default=256)
-    p.add_argument("--adapters", default=",".join(train.ADAPTERS))
+    p.add_argument("--adapters", default=",".join(config.ADAPTERS))
     a = p.parse_args()
     tmp = tempfile.mkdtemp()
     base = a.init_from or os.path.join(tmp, "llama")

@@ -27,7 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import train  # noqa: E402  (ADAPTERS, parse_args: the grid is checked by train.py's own rules)
+import config  # noqa: E402  (ADAPTERS, parse_args: the grid is checked by train.py's own rules)
+import engine  # noqa: E402  (atomic_save)
 
 SPEC_FLAGS = {"r": "--rank", "init": "--ranlora-init"}  # entry key -> train.py flag where the names differ
 OWN_FLAGS = ("--adapter", "--lr", "--seed", "--out-dir")  # set per run by the study
@@ -45,8 +46,8 @@ class GridError(Exception):
 def parse_entry(entry):
     """'lora@r=2@targets=q+k+v' -> ('lora', ['--rank', '2', '--targets', 'q,k,v'])."""
     name, *opts = entry.split("@")
-    if name not in train.ADAPTERS:
-        raise GridError(f"--adapters {entry}: unknown adapter {name!r} (choose from {', '.join(train.ADAPTERS)})")
+    if name not in config.ADAPTERS:
+        raise GridError(f"--adapters {entry}: unknown adapter {name!r} (choose from {', '.join(config.ADAPTERS)})")
     flags = []
     for o in opts:
         key, eq, value = o.partition("=")
@@ -84,8 +85,8 @@ def check_grid(args, train_flags):
     for e in dict.fromkeys(entries):
         name, flags = parse_entry(e)
         try:  # train.py's own command-line rules, on the command each run would get
-            train.parse_args(["--adapter", name, "--lr", "1", "--device", "cpu", *flags, *train_flags])
-        except train.UserError as err:
+            config.setup(config.parse_args(["--adapter", name, "--lr", "1", "--device", "cpu", *flags, *train_flags]))
+        except config.UserError as err:
             raise GridError(f"--adapters {e}" + (f" with the train.py flags {' '.join(train_flags)}" if train_flags else "") + f": {err}") from None
         specs[e] = (name, flags)
     return specs, lrs, seeds, best_seeds
@@ -188,14 +189,14 @@ def finish_run(proc, started, spec, entry, lr, seed, args):
     rdir = run_dir(args.out, entry, lr, seed)
     wall = time.time() - started
     if finished(metrics_path(args.out, entry, lr, seed, spec[0])):
-        train.atomic_save({"wall_s": wall, "returncode": proc.returncode}, str(rdir / "run.json"))
+        engine.atomic_save({"wall_s": wall, "returncode": proc.returncode}, str(rdir / "run.json"))
         if args.drop_adapters:
             (rdir / spec[0] / "adapter.pt").unlink(missing_ok=True)
         return "done"
     if proc.returncode in (130, -signal.SIGINT, -signal.SIGTERM):  # interrupted: its checkpoint resumes it next time
         return None
     line = last_line(rdir / "log.txt")
-    train.atomic_save({"returncode": proc.returncode, "last_line": line, "wall_s": wall,
+    engine.atomic_save({"returncode": proc.returncode, "last_line": line, "wall_s": wall,
                        "diverged": "the loss is" in line}, str(rdir / "failed.json"))
     return "failed"
 
@@ -229,7 +230,7 @@ def record(out, entry, spec, lr, seed):
 def default_rank(name):
     import inspect
 
-    return inspect.signature(train.adapter_class(name).__init__).parameters["r"].default
+    return inspect.signature(config.adapter_class(name).__init__).parameters["r"].default
 
 
 def mean_std(xs):
@@ -382,10 +383,10 @@ def write_outputs(args, train_flags, specs, lrs, seeds, best_seeds):
     summary = summarize(records, list(specs), lrs, seeds)
     lines = table(records, summary, lrs, header_lines(args, train_flags, records))
     out = Path(args.out)
-    train.atomic_save({"train_flags": train_flags, "adapters": list(specs), "lrs": lrs, "seeds": seeds, "best_seeds": best_seeds,
+    engine.atomic_save({"train_flags": train_flags, "adapters": list(specs), "lrs": lrs, "seeds": seeds, "best_seeds": best_seeds,
                        "records": records, "summary": {e: {**s, "sweep": {f"{lr:g}": v for lr, v in s["sweep"].items()}} for e, s in summary.items()}},
                       str(out / "study.json"))
-    tmp = out / f"study.md.tmp{os.getpid()}"  # (train.atomic_save writes text only to .txt)
+    tmp = out / f"study.md.tmp{os.getpid()}"  # (engine.atomic_save writes text only to .txt)
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     os.replace(tmp, out / "study.md")
     return lines, records, summary
@@ -398,7 +399,7 @@ def parse_args(argv):
     argv = list(sys.argv[1:] if argv is None else argv)
     train_flags = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    p = train.ArgumentParser(description=__doc__.split("\n\n")[0], usage="%(prog)s --adapters A,B --lrs X,Y --seeds 0,1 --out DIR [options] -- <train.py flags>")
+    p = config.ArgumentParser(description=__doc__.split("\n\n")[0], usage="%(prog)s --adapters A,B --lrs X,Y --seeds 0,1 --out DIR [options] -- <train.py flags>")
     p.add_argument("--adapters", required=True, help="comma list of NAME[@KEY=VALUE]... entries (see the top of this file)")
     p.add_argument("--lrs", required=True, help="comma list of peak learning rates (train.py --lr)")
     p.add_argument("--seeds", default="0", help="comma list of seeds for the lr sweep (default: %(default)s)")
@@ -434,7 +435,7 @@ def main(argv=None):
         slots = devices(args)
         if not args.dry_run:
             out.mkdir(parents=True, exist_ok=True)
-            train.atomic_save({"train_flags": train_flags}, str(cfg))
+            engine.atomic_save({"train_flags": train_flags}, str(cfg))
         if args.retry_failed and not args.dry_run:
             for f in out.glob("runs/*/failed.json"):
                 f.unlink()
@@ -498,7 +499,7 @@ def main(argv=None):
     except GridError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except train.UserError as e:  # study.py's own command line
+    except config.UserError as e:  # study.py's own command line
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
