@@ -1,0 +1,1 @@
+"""The test suite by topic; test_all.py runs every module listed in its TOPICS."""
