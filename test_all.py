@@ -7,10 +7,17 @@ pytest collects each test once, as test_all.py::<name>. Add a new tests/test_<to
 Each test compares against something independent of the code under test: a float64
 recomputation written plainly here, HF PEFT / transformers where installed, numpy.
 """
+import glob
 import importlib
+import os
 
 TOPICS = ["lora", "genlora", "lrlora", "aurora", "ranlora", "adapters", "train", "llama", "checkpoints", "tokenizers",
-          "bench", "plots", "export", "study", "fused"]
+          "bench", "plots", "export", "study", "fused"]  # in this order: the adapters' quick tests first
+
+_here = os.path.dirname(os.path.abspath(__file__))
+_files = {os.path.basename(f)[len("test_"):-len(".py")] for f in glob.glob(os.path.join(_here, "tests", "test_*.py"))}
+if _files - set(TOPICS):  # a topic file left out of TOPICS would silently not run
+    raise RuntimeError(f"tests/test_{sorted(_files - set(TOPICS))[0]}.py is not in test_all.py's TOPICS")
 
 _from = {}  # test name -> the topic that defines it: a name defined twice would silently run only one of the two
 for _topic in TOPICS:
