@@ -2,7 +2,7 @@
 
 Fixtures here are session-scoped where they are expensive (the tiny text, the built-in GPT's test cache and its
 pretraining, the tiny HF checkpoints, SmolLM2's conversion): made once per run, whichever topics run.
-The helpers are imported by the test files with `from conftest import *` (see __all__).
+Each test file imports the helpers it uses by name (`from conftest import randomize_, tiny_gpt`).
 """
 import json
 import os
@@ -257,6 +257,3 @@ def pytest_collection_modifyitems(config, items):
         config.hook.pytest_deselected(items=twice)
         twice = set(twice)
         items[:] = [item for item in items if item not in twice]
-
-# the helpers `from conftest import *` gives the test files (fixtures are found by pytest, not imported)
-__all__ = ['VOCAB', 'LAYERS', 'T', 'HERE', 'tiny_gpt', 'randomize_', 'FAST', 'run_script', 'adapter_weights', 'run_in_process', 'llama_optional', 'llama_needs_hf', 'llama_needs_st', 'llama_needs_llama_models', 'LLAMA_LLAMA3_ROPE', 'LLAMA_CONFIGS', 'llama_hf_model', 'llama_tokens', 'llama_assert_close_rel', 'llama_hf_to_meta_rows', 'llama_write_meta', 'llama_meta_shaped_hf', 'llama_pydoc_text']
