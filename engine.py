@@ -63,7 +63,7 @@ def optimizer_on_device(opt, device):
     cuda = str(device).startswith("cuda")
     for g in opt.param_groups:  # after any load_state_dict, which brings back the saved group's settings
         g["lr"] = torch.tensor(float(g["lr"]), dtype=torch.float32 if cuda else torch.float64, device=device)
-        g["capturable"], g["fused"], g["foreach"] = cuda, cuda, False if cuda else g.get("foreach")
+        g["capturable"] = g["fused"] = cuda  # capturable: a CUDA graph may record the step (fused takes precedence over foreach)
     for st in opt.state.values():  # a resumed checkpoint's, saved on this or another device
         if "step" in st:
             st["step"] = st["step"].to(device=device if cuda else "cpu", dtype=torch.float32)

@@ -4,8 +4,6 @@ Run alone: python -m pytest -q tests/test_aurora.py (test_all.py runs every topi
 import math
 import os
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -14,7 +12,7 @@ import torch.nn as nn
 
 from aurora import AuroRALinear, bspline
 
-from conftest import HERE, randomize_
+from conftest import HERE, randomize_, run_script
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,7 +278,5 @@ def test_aurora_self_contained_copy(tmp_path):
             assert (gap < 1e-5) == m.exact_merge, (mode, gap)
         print("ok")
     """ % str(tmp_path))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["OMP_NUM_THREADS"] = "1"
-    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    out = run_script("-c", script, cwd=tmp_path, env={"PYTHONPATH": None}, timeout=120)  # only the copy is importable
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

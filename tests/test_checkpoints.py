@@ -2,11 +2,8 @@
 
 Run alone: python -m pytest -q tests/test_checkpoints.py (test_all.py runs every topic)."""
 import json
-import os
 import random
 import struct
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -15,7 +12,7 @@ import torch
 
 import nanogpt_model as M
 
-from conftest import FAST, HERE, llama_needs_hf, llama_needs_st, run_in_process
+from conftest import FAST, llama_needs_hf, llama_needs_st, run_in_process, run_script
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,8 +146,8 @@ def test_llama_bf16_load_is_one_mapped_copy(llama_hf_dirs, tmp_path):
     save_file(sd, d / "model.safetensors")
     weights_kb = sum(t.numel() * 2 for t in sd.values()) / 1024
     _, small = llama_hf_dirs["mha_tied"]
-    out = subprocess.run([sys.executable, "-c", LLAMA__MEMORY_CHILD, str(small), str(d)], capture_output=True, text=True,
-                         check=True, cwd=Path(HERE), env=dict(os.environ, OMP_NUM_THREADS="1"))
+    out = run_script("-c", LLAMA__MEMORY_CHILD, str(small), str(d))
+    assert out.returncode == 0, out.stderr[-2000:]
     kept, upcast = json.loads(out.stdout.strip().splitlines()[-1]).values()
     assert kept["dtypes"] == ["torch.bfloat16"] and upcast["dtypes"] == ["torch.float32"]
     assert kept["anon_kb"] < 0.15 * weights_kb, (kept, weights_kb)

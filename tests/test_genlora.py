@@ -4,8 +4,6 @@ Run alone: python -m pytest -q tests/test_genlora.py (test_all.py runs every top
 import math
 import os
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -15,7 +13,7 @@ import torch.nn as nn
 
 from genlora import GenLoRALinear
 
-from conftest import HERE, randomize_
+from conftest import HERE, randomize_, run_script
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,8 +332,5 @@ def test_genlora_file_works_copied_alone(tmp_path):
         assert torch.allclose(merged(x), net(x), rtol=1e-5, atol=1e-5)
         print("ok", losses[0], losses[-1])
     """)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["OMP_NUM_THREADS"] = "1"
-    p = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=120)
+    p = run_script("-c", script, cwd=tmp_path, env={"PYTHONPATH": None}, timeout=120)  # only the copy is importable
     assert p.returncode == 0 and p.stdout.startswith("ok"), p.stdout + p.stderr

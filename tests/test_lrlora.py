@@ -6,8 +6,6 @@ import copy
 import math
 import os
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -22,15 +20,12 @@ import train
 from lora import LoRALinear
 from lrlora import LRLoRALinear, stable_rank
 
-from conftest import HERE, randomize_
+from conftest import HERE, randomize_, run_script
 
 
 # ----------------------------------------------------------------------------------------------
 # LR-LoRA
 # Tests for lrlora.py (LR-LoRA). References are written plainly here, in float64, from the paper's Eq. 4 and 5.
-
-
-LRLORA_HERE = HERE
 
 
 def lrlora_f_reference(M, a, beta, g):
@@ -529,9 +524,10 @@ print((kib("VmHWM") - before) / (n * n * 4 / 1024))
 @pytest.mark.slow
 def test_lrlora_peak_memory_of_forward_backward_is_a_few_dense_matrices():
     # glibc mmaps every block over 64 KiB and unmaps it on free, so the peak resident size is the peak of live tensors
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1", PYTHONPATH=LRLORA_HERE)
-    peaks = [float(subprocess.run([sys.executable, "-c", LRLORA_MEMORY_PROBE, str(K)], env=env, capture_output=True, text=True,
-                                  check=True, timeout=120).stdout) for K in (2, 50)]
+    probes = [run_script("-c", LRLORA_MEMORY_PROBE, str(K), env={"MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": HERE}, timeout=120)
+              for K in (2, 50)]
+    assert all(p.returncode == 0 for p in probes), [p.stderr[-2000:] for p in probes]
+    peaks = [float(p.stdout) for p in probes]
     # out x in float32 matrices at peak (16 MiB each here); an (out, in, K) tensor would be 50+
     assert max(peaks) < 10, peaks
     assert abs(peaks[0] - peaks[1]) < 1, peaks  # independent of the number of grid points
@@ -552,7 +548,7 @@ def test_lrlora_state_dict_round_trip():
 
 @pytest.mark.slow
 def test_lrlora_self_contained_copy_trains_and_merges(tmp_path):
-    shutil.copy(os.path.join(LRLORA_HERE, "lrlora.py"), tmp_path)
+    shutil.copy(os.path.join(HERE, "lrlora.py"), tmp_path)
     script = textwrap.dedent("""
         import torch, torch.nn as nn
         from lrlora import LRLoRALinear
@@ -570,6 +566,5 @@ def test_lrlora_self_contained_copy_trains_and_merges(tmp_path):
         assert torch.equal(merged(X), net(X))
         print("ok")
     """)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH="")
-    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    out = run_script("-c", script, cwd=tmp_path, env={"PYTHONPATH": None}, timeout=120)  # only the copy is importable
     assert out.stdout.strip() == "ok", out.stderr

@@ -6,8 +6,6 @@ import io
 import math
 import os
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -16,7 +14,7 @@ import torch.nn as nn
 
 from ranlora import RanLoRALinear
 
-from conftest import HERE
+from conftest import HERE, run_script
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,7 +392,5 @@ def test_ranlora_self_contained_copy_trains_in_an_empty_folder(tmp_path):
                     assert (merged(x) - model(x)).abs().max() < 1e-5
         print("ok")
     """)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["OMP_NUM_THREADS"] = "1"
-    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    out = run_script("-c", script, cwd=tmp_path, env={"PYTHONPATH": None}, timeout=120)  # only the copy is importable
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

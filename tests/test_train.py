@@ -6,8 +6,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -318,11 +316,11 @@ def test_pretraining_is_cached_once_and_resumes_exactly(tmp_path, tiny_text, mon
 def test_two_commands_on_a_fresh_cache_pretrain_once(tmp_path, tiny_text):
     """Started together, two train.py runs on an empty cache: one pretrains, the other waits for its base (a lock),
     then both fine-tune on the same cached file; nothing half-written is left."""
-    cache, env = tmp_path / "cache", {**os.environ, "OMP_NUM_THREADS": "1", "NONLINEAR_LORA_CACHE": str(tmp_path / "cache")}
+    cache = tmp_path / "cache"
     argv = [*FAST, "--base-steps", "60", "--data", tiny_text, "--skip", "sample,plot"]
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), "--adapter", "lora", *argv, "--out-dir", str(tmp_path / f"o{i}")],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for i in range(2)]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
+    procs = [run_script("train.py", "--adapter", "lora", *argv, "--out-dir", str(tmp_path / f"o{i}"), cache=str(cache), wait=False)
+             for i in range(2)]
+    logs = ["".join(p.communicate(timeout=600)) for p in procs]  # stdout and stderr: the log lines are on either
     assert [p.returncode for p in procs] == [0, 0], logs
     assert sum("pretraining the built-in GPT" in log for log in logs) == 1, logs
     assert [f.name for f in cache.iterdir() if f.suffix == ".pt"] and not [f for f in cache.iterdir() if ".tmp" in f.name or f.suffix == ".ckpt"]
@@ -451,7 +449,7 @@ def test_train_adapter_typo_is_one_line_that_suggests_the_closest_name(tmp_path,
 
 @pytest.mark.slow
 def test_train_help_has_help_for_every_flag_and_no_doubled_defaults():
-    p = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--help"], capture_output=True, text=True, timeout=120)
+    p = run_script("train.py", "--help", timeout=120)
     assert p.returncode == 0
     text = " ".join(p.stdout.split())
     assert "(default: None)" not in text and "(default: 300) (default: 300)" not in text and text.count("(default: 300)") == 1
@@ -500,9 +498,8 @@ def test_torchrun_two_processes_match_one_process(tmp_path, tiny_text, train_cac
     common = ["--adapter", "lora", "--data", tiny_text, *FAST]
     one = run_script("train.py", *common, "--out-dir", str(tmp_path / "one"), cache=train_cache)
     assert one.returncode == 0, one.stderr[-2000:]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NONLINEAR_LORA_CACHE": train_cache}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(HERE, "train.py"),
-                          *common, "--out-dir", str(tmp_path / "two")], capture_output=True, text=True, cwd=HERE, env=env, timeout=600)
+    two = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(HERE, "train.py"),
+                     *common, "--out-dir", str(tmp_path / "two"), cache=train_cache)
     assert two.returncode == 0, two.stderr[-3000:]
     a = torch.load(tmp_path / "one" / "lora" / "adapter.pt")["state"]
     b = torch.load(tmp_path / "two" / "lora" / "adapter.pt")["state"]
