@@ -36,10 +36,15 @@ under autocast; only the x-sized matmuls run in the activations' dtype.
 This file imports only torch and can be copied alone into another project.
 """
 import math
+import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# transformers' Conv1D (GPT-2's c_attn, c_proj, c_fc) is a linear layer whose weight is stored transposed, (in, out)
+CONV1D_HINT = ("; a transformers Conv1D (GPT-2) is the linear map x @ conv.weight + conv.bias: convert it exactly, then wrap: "
+               "lin = nn.Linear(*conv.weight.shape); lin.weight.data = conv.weight.T.contiguous(); lin.bias.data = conv.bias")
 
 # not specified by the paper: the spline (efficient-KAN's defaults): cubic B-splines, 5 uniform
 # intervals on [-1, 1], the knots extended by 3 on each side -> 5 + 3 = 8 basis functions
@@ -76,35 +81,16 @@ def anl(z, H, W_s, act, linear=F.linear):
         return F_z + L_z  # sigma(z) = F(z) + L(z), Eqs. 5 and 8
 
 
-def _small_linear(x, W):
-    """F.linear(x, W) for a small W (r x r, r x 8) as a broadcast product and sum: a pointwise reduction that
-    torch.compile fuses with sigma's other passes, where a matmul would be a launch of its own (the fused path)."""
-    return (x.unsqueeze(-2) * W).sum(-1)
-
-
-def anl_cast(z, H, W_s, act, ct, dt):
-    """sigma(z) computed in ct and cast to dt, in one function so that torch.compile fuses it (AuroRALinear.fused)."""
-    return anl(z.to(ct), H, W_s, act, _small_linear).to(dt)
-
-
-_compiled = {}
-
-
-def _fused(fn):
-    """fn through torch.compile (inductor), one compiled graph per shape and dtype (dynamic=False)."""
-    if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn, dynamic=False)
-    return _compiled[fn]
-
-
 class AuroRALinear(nn.Module):
-    exact_merge: bool  # set per instance: True for mode="static", False for mode="dynamic"
-    fused = True  # on CUDA, training's sigma runs as torch.compile'd kernels (anl_cast): the same math, fewer launches
-    # (not under no_grad, where sampling's growing lengths would recompile per shape)
+    exact_merge = False  # merged() reproduces forward() for every input: not for the default mode="dynamic" (set per instance)
+    fused = ("cuda",)  # devices where training's sigma runs compiled (anl_cast, below); () for none
 
     def __init__(self, base: nn.Linear, r: int = 2, alpha: float = None, dropout: float = 0.0,
                  mode: str = "dynamic", fixed: bool = True, learnable: bool = True, fixed_activation: str = "tanh"):
         super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"AuroRALinear: base must be a torch.nn.Linear, got {type(base).__module__}.{type(base).__name__}"
+                            + CONV1D_HINT * (type(base).__name__ == "Conv1D"))
         if not isinstance(r, int) or r < 1 or r > min(base.in_features, base.out_features):
             raise ValueError(f"r={r!r}: the rank must be an integer in [1, {min(base.in_features, base.out_features)}]")
         if not 0.0 <= dropout < 1.0:
@@ -145,7 +131,8 @@ class AuroRALinear(nn.Module):
         h = self.base(x2)
         x_, dt, ct = self.dropout(x2), h.dtype, torch.promote_types(x.dtype, torch.float32)
         H, W_s = (self.H if self.fixed else None), (self.W_s if self.learnable else None)
-        sigma = _fused(anl_cast) if self.fused and x.is_cuda and torch.is_grad_enabled() else lambda z, *a: anl(z.to(ct), *a[:3]).to(dt)
+        fused = x.device.type in self.fused and torch.is_grad_enabled()  # training: inference needs no compile wait
+        sigma = _fused(anl_cast) if fused else lambda z, *a: anl(z.to(ct), *a[:3]).to(dt)
         if self.mode == "dynamic":
             u = sigma(F.linear(x_, self.A.to(dt)), H, W_s, self.act, ct, dt)  # sigma(A x): input-dependent, Eq. 4
         else:
@@ -163,7 +150,12 @@ class AuroRALinear(nn.Module):
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
-        """A new nn.Linear holding W0 + dW (cast once to the base dtype); the original is untouched."""
+        """A new nn.Linear holding W0 + dW (cast once to the base dtype); the original is untouched. For mode="dynamic"
+        that is the paper's static approximation (App. B), with a warning."""
+        if not self.exact_merge:
+            warnings.warn("AuroRA mode='dynamic': merged() holds the paper's static approximation W0 + scale B sigma(A) "
+                          "(App. B), not the trained W0 x + scale B sigma(A x), so outputs change; keep the adapter at "
+                          "inference, or train with mode='static' (AuroRA-S), whose merge is exact", stacklevel=2)
         w0 = self.base.weight
         out = nn.Linear(w0.shape[1], w0.shape[0], bias=self.base.bias is not None, device=w0.device, dtype=w0.dtype)
         out.weight.copy_((w0.float() + self.delta_weight()).to(w0.dtype))
@@ -174,3 +166,39 @@ class AuroRALinear(nn.Module):
     def extra_repr(self):
         return (f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}, mode={self.mode}, "
                 f"fixed={self.fixed}, learnable={self.learnable}, fixed_activation={self.fixed_activation}")
+
+
+# Speed: on CUDA, training runs sigma through anl_cast, compiled by torch.compile into one or two kernels (the plain
+# sigma launches ~20 small kernels). It is the same math as anl() above, with the small matmuls written as broadcast
+# sums so that inductor fuses them; anl() stays the definition and the CPU path.
+
+def _small_linear(x, W):
+    """F.linear(x, W) for a small W (r x r, r x 8) as a broadcast product and sum: a pointwise reduction that
+    torch.compile fuses with sigma's other passes, where a matmul would be a launch of its own (the fused path)."""
+    return (x.unsqueeze(-2) * W).sum(-1)
+
+
+def anl_cast(z, H, W_s, act, ct, dt):
+    """sigma(z) computed in ct and cast to dt, in one function so that torch.compile fuses it (AuroRALinear.fused)."""
+    return anl(z.to(ct), H, W_s, act, _small_linear).to(dt)
+
+
+_compiled = {}
+
+
+def _fused(fn):
+    """fn through torch.compile (inductor), compiled once per function, with automatic dynamic shapes: a second token
+    count compiles once more, into a kernel for any count (not one per count: batches padded to their longest sequence
+    vary in length). Where compiling fails (CUDA without Triton, no C++ compiler), fn itself after one warning."""
+    if fn not in _compiled:
+        compiled = torch.compile(fn, dynamic=None)
+
+        def first_call(*args):
+            try:
+                out, _compiled[fn] = compiled(*args), compiled
+            except Exception as e:  # the compiler failed, not the math: fn itself raises again on a real error
+                warnings.warn(f"aurora.py: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); running unfused")
+                out, _compiled[fn] = fn(*args), fn
+            return out
+        _compiled[fn] = first_call
+    return _compiled[fn]

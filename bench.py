@@ -263,7 +263,7 @@ def bench_inference(models, x, device, reps):
 def merged_copy(v):
     """The variant's model with every adapter replaced by its merged() Linear; None if it has no merge."""
     try:
-        merged = {n: a.merged() for n, a in v.adapters.items()}
+        merged = {n: adapt.merged_layer(a) for n, a in v.adapters.items()}
     except NotImplementedError as e:
         return None, str(e).split(":")[0]
     model = share_copy(v.model)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
+import adapt
 import checkpoints
 from lora import LoRALinear
 
@@ -73,7 +74,7 @@ def export(adapters, base_dir, out_dir):
     tensors = dict(raw)
     for name, a in adapters.items():  # only the adapted weights change; biases, norms, embeddings stay the base's bytes
         key = hf_name[f"{name}.weight"]
-        tensors[key] = a.merged().weight.detach().to(device="cpu", dtype=raw[key].dtype)
+        tensors[key] = adapt.merged_layer(a).weight.detach().to(device="cpu", dtype=raw[key].dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -42,10 +42,15 @@ autocast; only the two x-sized matmuls run in the activations' dtype.
 This file imports only torch and can be copied alone into another project.
 """
 import math
+import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# transformers' Conv1D (GPT-2's c_attn, c_proj, c_fc) is a linear layer whose weight is stored transposed, (in, out)
+CONV1D_HINT = ("; a transformers Conv1D (GPT-2) is the linear map x @ conv.weight + conv.bias: convert it exactly, then wrap: "
+               "lin = nn.Linear(*conv.weight.shape); lin.weight.data = conv.weight.T.contiguous(); lin.bias.data = conv.bias")
 
 
 def generate(z, theta, mu, groups: int, h: float, eps: float, normalize: bool = True, bmm=torch.bmm):
@@ -66,38 +71,18 @@ def generate(z, theta, mu, groups: int, h: float, eps: float, normalize: bool = 
         return bmm(basis, theta).view(z.shape[0], -1)  # (G, d_g, r) -> (d, r)
 
 
-def _small_bmm(basis, theta):
-    """torch.bmm as a broadcast product and sum over its 1 + K terms: a pointwise reduction that torch.compile fuses
-    into the generator's one kernel, where a bmm would be a launch of its own (the fused path)."""
-    return (basis[..., None] * theta[:, None]).sum(-2)
-
-
-def generated_factors(z_A, theta_A, z_B, theta_B, mu, groups, h, eps, normalize, ct, dt):
-    """A (r, in) and B (out, r), generated in ct and cast to dt: forward's parameter side, in one function, so that
-    torch.compile can fuse all of it (GenLoRALinear.fused)."""
-    gen = lambda z, theta: generate(z.to(ct), theta.to(ct), mu.to(ct), groups, h, eps, normalize, _small_bmm)
-    return gen(z_A, theta_A).T.to(dt), gen(z_B, theta_B).to(dt)
-
-
-_compiled = {}
-
-
-def _fused(fn):
-    """fn through torch.compile (inductor), one compiled graph per shape and dtype (dynamic=False)."""
-    if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn, dynamic=False)
-    return _compiled[fn]
-
-
 class GenLoRALinear(nn.Module):
-    exact_merge = True  # B and A are fixed matrices once trained: merged() reproduces forward()
+    exact_merge = True  # merged() reproduces forward() for every input: B and A are fixed matrices once trained
     eps = 1e-5  # ε of Eq. 6 (not specified by the paper: its value)
     paper_groups = 16  # G of the paper's main setting (App. I.3)
-    fused = True  # on CUDA, forward's generators run as torch.compile'd kernels (generated_factors): the same math, fewer launches
+    fused = ("cuda",)  # devices where forward's generators run compiled (generated_factors, below); () for none
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = None, dropout: float = 0.0,
                  groups: int = None, num_centers: int = 15, freeze_latents=False, normalize: bool = True):
         super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"GenLoRALinear: base must be a torch.nn.Linear, got {type(base).__module__}.{type(base).__name__}"
+                            + CONV1D_HINT * (type(base).__name__ == "Conv1D"))
         m, n = base.out_features, base.in_features
         if not isinstance(r, int) or r < 1:
             raise ValueError(f"r={r!r}: the rank (number of generator pairs) must be an integer >= 1")
@@ -157,7 +142,7 @@ class GenLoRALinear(nn.Module):
         ct = torch.promote_types(x.dtype, torch.float32)
         x2 = x.reshape(-1, x.shape[-1])
         h = self.base(x2)  # the second matmul adds into W0 x in place (addmm_, beta = 1, alpha = scale), as in lora.py
-        if self.fused and x.is_cuda:  # the same generators, compiled: a few kernels a step instead of ~40 per layer
+        if x.device.type in self.fused:  # the same generators, compiled: a few kernels a step instead of ~40 per layer
             A, B = _fused(generated_factors)(self.z_A, self.theta_A, self.z_B, self.theta_B, self.mu, self.groups,
                                              self.h, self.eps, self.normalize, ct, h.dtype)
         else:
@@ -182,3 +167,41 @@ class GenLoRALinear(nn.Module):
     def extra_repr(self):
         return (f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}, groups={self.groups}, "
                 f"num_centers={self.num_centers}, freeze_latents={self.freeze_latents}, normalize={self.normalize}")
+
+
+# Speed: on CUDA, forward generates A and B through generated_factors, compiled by torch.compile into a few kernels
+# (the plain generators launch ~40 small kernels a layer). It is the same math as generate() above, with the one
+# batched matmul written as a broadcast sum so that inductor fuses it; generate() stays the definition and the CPU path.
+
+def _small_bmm(basis, theta):
+    """torch.bmm as a broadcast product and sum over its 1 + K terms: a pointwise reduction that torch.compile fuses
+    into the generator's one kernel, where a bmm would be a launch of its own (the fused path)."""
+    return (basis[..., None] * theta[:, None]).sum(-2)
+
+
+def generated_factors(z_A, theta_A, z_B, theta_B, mu, groups, h, eps, normalize, ct, dt):
+    """A (r, in) and B (out, r), generated in ct and cast to dt: forward's parameter side, in one function, so that
+    torch.compile can fuse all of it (GenLoRALinear.fused)."""
+    gen = lambda z, theta: generate(z.to(ct), theta.to(ct), mu.to(ct), groups, h, eps, normalize, _small_bmm)
+    return gen(z_A, theta_A).T.to(dt), gen(z_B, theta_B).to(dt)
+
+
+_compiled = {}
+
+
+def _fused(fn):
+    """fn through torch.compile (inductor), one graph per layer shape and dtype (dynamic=False: the shapes are the
+    layer's, never the batch's). Where compiling fails (CUDA without Triton, no C++ compiler), fn itself after one
+    warning: the same math, unfused."""
+    if fn not in _compiled:
+        compiled = torch.compile(fn, dynamic=False)
+
+        def first_call(*args):
+            try:
+                out, _compiled[fn] = compiled(*args), compiled
+            except Exception as e:  # the compiler failed, not the math: fn itself raises again on a real error
+                warnings.warn(f"genlora.py: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); running unfused")
+                out, _compiled[fn] = fn(*args), fn
+            return out
+        _compiled[fn] = first_call
+    return _compiled[fn]

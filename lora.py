@@ -25,11 +25,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+# transformers' Conv1D (GPT-2's c_attn, c_proj, c_fc) is a linear layer whose weight is stored transposed, (in, out)
+CONV1D_HINT = ("; a transformers Conv1D (GPT-2) is the linear map x @ conv.weight + conv.bias: convert it exactly, then wrap: "
+               "lin = nn.Linear(*conv.weight.shape); lin.weight.data = conv.weight.T.contiguous(); lin.bias.data = conv.bias")
+
+
 class LoRALinear(nn.Module):
     exact_merge = True  # merged() reproduces forward() for every input
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0):
         super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear: base must be a torch.nn.Linear, got {type(base).__module__}.{type(base).__name__}"
+                            + CONV1D_HINT * (type(base).__name__ == "Conv1D"))
         if not isinstance(r, int) or r < 1:
             raise ValueError(f"r={r!r}: the rank must be an integer >= 1")
         if not 0.0 <= dropout < 1.0:

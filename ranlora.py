@@ -42,6 +42,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# transformers' Conv1D (GPT-2's c_attn, c_proj, c_fc) is a linear layer whose weight is stored transposed, (in, out)
+CONV1D_HINT = ("; a transformers Conv1D (GPT-2) is the linear map x @ conv.weight + conv.bias: convert it exactly, then wrap: "
+               "lin = nn.Linear(*conv.weight.shape); lin.weight.data = conv.weight.T.contiguous(); lin.bias.data = conv.bias")
+
 # Eq. 8, Tables 6-7; not specified by the paper: which GELU; the exact (erf) one, torch's and HF's default
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "identity": nn.Identity}
 INITS = ("residual", "literal", "principal", "kaiming")  # §3.2 with s B A = W_R; Eq. 7 as printed; Table 16; Table 6 "w/o rai"
@@ -78,24 +82,16 @@ def modulate(z, v, act, ct, dt):
     return (act(z) if v is None else v.to(ct) * act(z)).to(dt)
 
 
-_compiled = {}
-
-
-def _fused(fn):
-    """fn through torch.compile (inductor), one compiled graph per shape and dtype (dynamic=False)."""
-    if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn, dynamic=False)
-    return _compiled[fn]
-
-
 class RanLoRALinear(nn.Module):
-    exact_merge = False  # for the default GELU; each instance sets it from its activation
-    fused = True  # on CUDA, training's v ⊙ GELU runs as torch.compile'd kernels (modulate): the same math, fewer launches
-    # (not under no_grad, where sampling's growing lengths would recompile per shape)
+    exact_merge = False  # merged() reproduces forward() for every input: not for the default GELU (set per instance)
+    fused = ("cuda",)  # devices where training's v ⊙ GELU runs compiled (modulate, below); () for none
 
     def __init__(self, base: nn.Linear, r: int = 2, alpha: float = None, dropout: float = 0.0, activation: str = "gelu",
                  modulation: bool = True, init: str = "residual"):
         super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"RanLoRALinear: base must be a torch.nn.Linear, got {type(base).__module__}.{type(base).__name__}"
+                            + CONV1D_HINT * (type(base).__name__ == "Conv1D"))
         m, n = base.out_features, base.in_features
         if not isinstance(r, int) or r < 1 or r > min(m, n):
             raise ValueError(f"r={r!r}: the rank must be an integer in [1, {min(m, n)}]")
@@ -157,7 +153,7 @@ class RanLoRALinear(nn.Module):
         h = self.base(x2)  # W_P x; s B (v ⊙ GELU(A x)) is added into it in place (addmm_, beta = 1, alpha = s)
         dt, ct = h.dtype, torch.promote_types(x.dtype, torch.float32)
         z = F.linear(self.dropout(x2), self.A.to(dt))  # A x
-        gate = _fused(modulate) if self.fused and x.is_cuda and torch.is_grad_enabled() else modulate  # compiled: training
+        gate = _fused(modulate) if x.device.type in self.fused and torch.is_grad_enabled() else modulate  # training only
         h.addmm_(gate(z, self.v, self.act, ct, dt), self.B.to(dt).T, alpha=self.scale)  # W_P x + s B (v ⊙ GELU(A x)) (Eq. 8)
         return h.view(*x.shape[:-1], -1)
 
@@ -194,3 +190,27 @@ class RanLoRALinear(nn.Module):
     def extra_repr(self):
         return (f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}, activation={self.activation}, "
                 f"modulation={self.modulation}, init={self.init}")
+
+
+# Speed: on CUDA, training runs v ⊙ GELU through modulate compiled by torch.compile: one kernel where the plain
+# expression launches several. The same function is the plain path on the CPU.
+
+_compiled = {}
+
+
+def _fused(fn):
+    """fn through torch.compile (inductor), compiled once per function, with automatic dynamic shapes: a second token
+    count compiles once more, into a kernel for any count (not one per count: batches padded to their longest sequence
+    vary in length). Where compiling fails (CUDA without Triton, no C++ compiler), fn itself after one warning."""
+    if fn not in _compiled:
+        compiled = torch.compile(fn, dynamic=None)
+
+        def first_call(*args):
+            try:
+                out, _compiled[fn] = compiled(*args), compiled
+            except Exception as e:  # the compiler failed, not the math: fn itself raises again on a real error
+                warnings.warn(f"ranlora.py: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); running unfused")
+                out, _compiled[fn] = fn(*args), fn
+            return out
+        _compiled[fn] = first_call
+    return _compiled[fn]

@@ -5,6 +5,7 @@ import math
 import os
 import shutil
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -125,7 +126,9 @@ def test_aurora_dynamic_merge_gap_is_what_the_equations_predict():
     m = randomize_(AuroRALinear(base, r=2, alpha=4), std=0.5, seed=5)
     assert m.exact_merge is False
     x = torch.randn(12, 32)
-    unmerged, merged = m(x), m.merged()(x)
+    with pytest.warns(UserWarning, match=r"static approximation .* mode='static'"):  # says so, and what is exact
+        lin = m.merged()
+    unmerged, merged = m(x), lin(x)
     gap = (unmerged - merged).double()
     assert gap.abs().max() > 1e-2  # not a merge that happens to be exact
     # independent float64 prediction: scale * (B sigma(A x) - B sigma(A) x), sigma from Eq. 8 here
@@ -141,8 +144,10 @@ def test_aurora_dynamic_merge_gap_is_what_the_equations_predict():
 def test_aurora_merged_is_new_linear_base_untouched():
     base = nn.Linear(16, 8)
     w0 = base.weight.detach().clone()
-    m = randomize_(AuroRALinear(base), std=0.5, seed=0)
-    lin = m.merged()
+    m = randomize_(AuroRALinear(base, mode="static"), std=0.5, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an exact merge says nothing
+        lin = m.merged()
     assert isinstance(lin, nn.Linear) and lin is not base and torch.equal(base.weight, w0)
     assert torch.equal(lin.bias, base.bias) and not lin.weight.requires_grad
     torch.testing.assert_close(lin.weight, w0 + m.delta_weight().detach())
@@ -153,7 +158,8 @@ def test_aurora_bf16_base_float32_adapter():
     assert all(p.dtype == torch.float32 for n, p in m.named_parameters() if not n.startswith("base."))
     y = m(torch.randn(3, 16, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16
-    assert m.merged().weight.dtype == torch.bfloat16
+    with pytest.warns(UserWarning, match="static approximation"):
+        assert m.merged().weight.dtype == torch.bfloat16
 
 
 # ---------------------------------------------------------------- Prop. 2.2: bounded gradients

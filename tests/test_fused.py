@@ -75,7 +75,7 @@ def test_ranlora_modulate_equals_the_bottleneck():
 
 def test_fused_flags_are_on_and_the_cpu_takes_the_plain_path(monkeypatch):
     # on the CPU forward never calls the compiler: _fused is not reached
-    assert genlora.GenLoRALinear.fused and aurora.AuroRALinear.fused and ranlora.RanLoRALinear.fused
+    assert genlora.GenLoRALinear.fused == aurora.AuroRALinear.fused == ranlora.RanLoRALinear.fused == ("cuda",)
     for mod in (genlora, aurora, ranlora):
         monkeypatch.setattr(mod, "_fused", lambda fn: pytest.fail("compiled on the CPU"))
     torch.manual_seed(3)

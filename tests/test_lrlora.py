@@ -58,7 +58,7 @@ def test_lrlora_parameter_count_grid_and_init_values():
     assert count(layer) == count(lora) + 2 * 50  # a_k and beta_k (§3.3, App. G)
     fixed = LRLoRALinear(nn.Linear(2048, 8192, device="meta"), learn_bandwidth=False)
     assert count(fixed) == count(lora) + 50  # Table 3's fixed bandwidth: the amplitudes alone
-    small = LRLoRALinear(nn.Linear(6, 4), r=2)
+    small = LRLoRALinear(nn.Linear(6, 4), r=2, center=False)  # Eq. 4 as printed: a = 0
     assert torch.allclose(F.softplus(small.beta), torch.ones(50)) and (small.a == 0).all()
     g = small.g.double()
     assert g.min() > -3 and g.max() < 3 and torch.allclose(g.diff(), torch.full((49,), 6 / 50, dtype=torch.float64))
@@ -68,7 +68,7 @@ def test_lrlora_parameter_count_grid_and_init_values():
 def test_lrlora_init_is_the_base_and_gradient_flow_follows_app_e():
     torch.manual_seed(0)
     base = nn.Linear(16, 12)
-    layer = LRLoRALinear(base, r=4)
+    layer = LRLoRALinear(base, r=4, center=False)  # App. E's init is the literal form's: a = 0
     x = torch.randn(8, 16)
     assert (layer.delta_weight() == 0).all()
     assert torch.equal(layer(x), base(x))
@@ -97,7 +97,7 @@ def test_lrlora_b_moves_only_on_a_grid_without_mirror_pairs(grid, stalls):
     """float64, Adam from a = 0: on linspace(-3, 3, K) a stays mirror-symmetric, f'(0) = 0 and B = 0 gets only
     rounding-level gradient; on the default grid B's gradient is of normal size (order lr |A|) within 2 steps."""
     torch.manual_seed(0)
-    layer = LRLoRALinear(nn.Linear(16, 12), r=4).double()
+    layer = LRLoRALinear(nn.Linear(16, 12), r=4, center=False).double()
     if grid == "symmetric":
         with torch.no_grad():
             layer.g.copy_(torch.linspace(-3, 3, 50, dtype=torch.float64))
@@ -113,7 +113,7 @@ def test_lrlora_b_moves_only_on_a_grid_without_mirror_pairs(grid, stalls):
 
 def lrlora_check_against_float64(layer, x, tol=1e-5, guard=contextlib.nullcontext, **kw):
     """The float32 table path against Eq. 4 summed directly in float64: output, dW and the gradients of x, A, B, a, beta.
-    Errors relative to the literal form's quantities: the table errs by an absolute amount (the docstring's bound, in
+    Errors relative to the literal form's quantities: the table errs by an absolute amount (the bound in docs/methods.md, in
     sum|a_k|), so centring, which makes dW and dL/da smaller, must not make that error larger."""
     names = ["A", "B", "a", "beta"]
     gy = None
@@ -183,11 +183,11 @@ def test_lrlora_table_is_exact_at_its_points_and_ends():
 
 def lrlora_one_sinc_at(z_center, b=2.5, n=800):
     """A layer whose dW is f(B A) alone (W0 = 0, scale 1, A = 1, one amplitude a_k = 1, every b_k = b), with the 2n + 1
-    entries of B A spaced h/16 around g_k + z_center / b, h = 1 / (1024 b) the docstring's table spacing: however the table
+    entries of B A spaced h/16 around g_k + z_center / b, h = 1 / (1024 b) the CPU table spacing: however the table
     is laid over them, some entry sits within h/32 of each midpoint between two table points, where interpolation errs most.
     Only the layer's parameters are set: the table's internals are not used."""
     k = 25
-    layer = LRLoRALinear(nn.Linear(1, 2 * n + 1, bias=False), r=1, alpha=1.0)
+    layer = LRLoRALinear(nn.Linear(1, 2 * n + 1, bias=False), r=1, alpha=1.0, center=False)
     with torch.no_grad():
         layer.base.weight.zero_()
         layer.A.fill_(1.0)
@@ -201,8 +201,8 @@ def lrlora_one_sinc_at(z_center, b=2.5, n=800):
     return layer, M, f_ref, F.softplus(layer.beta).max().item()
 
 
-def test_lrlora_table_f_within_the_docstrings_bound_at_the_midpoints():
-    """The docstring's bound |f_table - f| <= pi^2 / (24 * 1024^2) sum|a_k| (h^2/8 max|f''|), where it is reached: at the
+def test_lrlora_table_f_within_its_error_bound_at_the_midpoints():
+    """The bound in docs/methods.md |f_table - f| <= pi^2 / (24 * 1024^2) sum|a_k| (h^2/8 max|f''|), where it is reached: at the
     midpoints near the peak of one sinc term, where |f''| = b^2 pi^2 / 3 is largest. dW and forward, against the float64
     direct sum, within the bound plus 2 float32 ulps of sum|a_k| (the table's float32 values): 1.1x the bound measured at
     1024 points per unit; a 2x coarser table errs 4x as much (4.1x, fails), one that ignored b_max 6.25x."""
@@ -211,12 +211,12 @@ def test_lrlora_table_f_within_the_docstrings_bound_at_the_midpoints():
     tol = math.pi ** 2 / (24 * 1024 ** 2) * sum_a + 2 * torch.finfo(torch.float32).eps * sum_a
     for what, got in (("delta_weight()", layer.delta_weight()), ("forward", layer(torch.ones(1, 1)).T)):
         err = (got.double() - f_ref.detach()).abs().max().item()
-        assert err < tol, f"LR-LoRA's table: {what} errs {err:.3g} at the midpoints between table points, over the docstring's " \
+        assert err < tol, f"LR-LoRA's table: {what} errs {err:.3g} at the midpoints between table points, over docs/methods.md's " \
                           f"bound + float32 rounding {tol:.3g}: the table is coarser than h = 1/(1024 b_max)"
 
 
-def test_lrlora_table_f_prime_within_the_docstrings_bound_at_the_midpoints():
-    """The docstring's bound on the interpolated f' (dL/d(B A)): 9.2e-7 b_max sum|a_k| (h^2/8 max|f'''|), at the midpoints
+def test_lrlora_table_f_prime_within_its_error_bound_at_the_midpoints():
+    """The bound in docs/methods.md on the interpolated f' (dL/d(B A)): 9.2e-7 b_max sum|a_k| (h^2/8 max|f'''|), at the midpoints
     where |sinc'''| peaks (z = 0.599: 7.38, its bound pi^3/4 = 7.75). dL/dB with dL/dy = 1, x = 1, A = 1 is f'(B A) itself:
     against float64 autograd of Eq. 4, within the bound plus 2 float32 ulps of max|f'| <= pi/2 b_max sum|a_k|.
     Measured: 1.03x the bound at 1024 points per unit, 3.9x at 512 (fails)."""
@@ -231,7 +231,7 @@ def test_lrlora_table_f_prime_within_the_docstrings_bound_at_the_midpoints():
     (want,) = torch.autograd.grad(f_ref.sum(), M)
     tol = 9.24e-7 * b_max * sum_a + 2 * torch.finfo(torch.float32).eps * math.pi / 2 * b_max * sum_a
     err = (layer.B.grad.double() - want).abs().max().item()
-    assert err < tol, f"LR-LoRA's table: dL/dB = f'(B A) errs {err:.3g} at the midpoints, over the docstring's bound + float32 " \
+    assert err < tol, f"LR-LoRA's table: dL/dB = f'(B A) errs {err:.3g} at the midpoints, over the bound in docs/methods.md + float32 " \
                       f"rounding {tol:.3g}: the f' table is coarser than h = 1/(1024 b_max)"
 
 
@@ -331,7 +331,7 @@ def test_lrlora_keeps_float32_under_autocast():
 
 def test_lrlora_dropout_path_is_base_plus_dropped_input_times_delta():
     torch.manual_seed(3)
-    layer = lrlora_moved(LRLoRALinear(nn.Linear(10, 6), r=2, dropout=0.3, grid_size=9))
+    layer = lrlora_moved(LRLoRALinear(nn.Linear(10, 6), r=2, dropout=0.3, grid_size=9, center=False))
     x = torch.randn(7, 10)
     torch.manual_seed(4)
     y = layer(x)
@@ -376,7 +376,7 @@ def test_lrlora_rank_of_delta_exceeds_r_while_lora_stays_at_r():
 
 def test_lrlora_f_of_zero_is_an_all_ones_rank_one_term():
     # B = 0 but a moved: every entry of BA is 0, so dW = scale f(0) 1 1^T, stable rank exactly 1 (README note)
-    layer = lrlora_moved(LRLoRALinear(nn.Linear(32, 24), r=4))
+    layer = lrlora_moved(LRLoRALinear(nn.Linear(32, 24), r=4, center=False))
     layer.B.data.zero_()
     a, b, g = layer.a.detach().double(), F.softplus(layer.beta.detach().double()), layer.g.double()
     t = -b * g  # no grid point is 0, so sin(pi t) / (pi t) is defined
@@ -390,7 +390,7 @@ def test_lrlora_centred_has_no_all_ones_term_and_is_the_literal_minus_f0():
     """center=True: with B A = 0 (B = 0, a moved) dW is exactly 0, where the literal form gives scale f(0) 1 1^T; with
     B A != 0 the centred dW is the literal dW less that all-ones term, entry by entry."""
     torch.manual_seed(11)
-    lit = lrlora_moved(LRLoRALinear(nn.Linear(32, 24), r=4))
+    lit = lrlora_moved(LRLoRALinear(nn.Linear(32, 24), r=4, center=False))
     cen = LRLoRALinear(nn.Linear(32, 24), r=4, center=True)
     cen.load_state_dict(lit.state_dict())
     a, b, g = lit.a.detach().double(), F.softplus(lit.beta.detach().double()), lit.g.double()
@@ -422,7 +422,7 @@ def test_lrlora_a_init_identity_is_the_least_norm_a_with_f0_zero_and_slope_one()
     C = torch.stack(lrlora.basis_at_zero(b, g))
     want = torch.linalg.pinv(C) @ torch.tensor([0.0, 1.0], dtype=torch.float64)  # least norm, by the pseudo-inverse
     torch.testing.assert_close(a, want, rtol=1e-5, atol=1e-7)
-    assert torch.equal(LRLoRALinear(nn.Linear(16, 12), r=4).a, torch.zeros(50))  # literal: the paper's zero start
+    assert torch.equal(LRLoRALinear(nn.Linear(16, 12), r=4, center=False).a, torch.zeros(50))  # literal: the paper's zero start
 
 
 def test_lrlora_centred_identity_start_gives_A_and_B_lora_gradient_at_once():
@@ -448,7 +448,7 @@ def test_lrlora_other_starts_of_a(a_init):
     torch.manual_seed(13)
     base = nn.Linear(16, 12)
     x = torch.randn(5, 16)
-    cen, lit = LRLoRALinear(base, r=4, center=True, a_init=a_init), LRLoRALinear(base, r=4, a_init=a_init)
+    cen, lit = LRLoRALinear(base, r=4, center=True, a_init=a_init), LRLoRALinear(base, r=4, center=False, a_init=a_init)
     assert (cen.a == 0.1).all() if a_init == "small" else 0.05 < cen.a.std() < 0.2
     assert torch.equal(cen(x), base(x)) and not torch.allclose(lit(x), base(x))
     with pytest.raises(ValueError, match="a_init"):

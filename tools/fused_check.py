@@ -35,7 +35,7 @@ def set_fused(cls, on):
     if cls is lrlora.LRLoRALinear:  # its table: compiled on CUDA, else eager
         lrlora._table = (lambda d: lrlora._fused(lrlora.sinc_table, d)) if on else (lambda d: lrlora.sinc_table)
     else:
-        cls.fused = on
+        cls.fused = ("cuda",) if on else ()
 
 
 def run(layer, x, seed):
