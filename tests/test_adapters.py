@@ -187,3 +187,28 @@ def test_adapter_defaults_fit_small_and_non_square_layers(cls, widths):
         if layer.exact_merge:
             z = torch.randn(4, layer.base.in_features)
             torch.testing.assert_close(layer.merged()(z), layer(z), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- the base must be an nn.Linear
+ALL_CLASSES = [LoRALinear, GenLoRALinear, LRLoRALinear, AuroRALinear, RanLoRALinear]
+
+
+@pytest.mark.parametrize("cls", ALL_CLASSES, ids=lambda c: c.__name__)
+def test_adapters_refuse_a_base_that_is_not_linear_and_the_conv1d_hint_is_exact(cls):
+    """transformers' Conv1D (GPT-2) holds its weight transposed: wrapping it as if it were a Linear would train the
+    transpose (or fail on a missing attribute). One TypeError naming the type; for Conv1D, the conversion, which run as
+    printed gives an nn.Linear equal to the Conv1D."""
+    from transformers.pytorch_utils import Conv1D
+    with pytest.raises(TypeError, match=rf"^{cls.__name__}: base must be a torch.nn.Linear, got torch.nn.modules.conv.Conv2d$"):
+        cls(nn.Conv2d(3, 4, 1))
+    conv = Conv1D(12, 8)  # nx = 8 inputs, nf = 12 outputs; weight (8, 12)
+    nn.init.normal_(conv.weight)
+    nn.init.normal_(conv.bias)
+    with pytest.raises(TypeError, match=r"got transformers\.pytorch_utils\.Conv1D; .*convert it exactly") as e:
+        cls(conv)
+    code = str(e.value).split("then wrap: ")[1]
+    scope = {"nn": nn, "conv": conv}
+    exec(code.replace("; ", "\n"), scope)
+    x = torch.randn(5, 8)
+    assert isinstance(scope["lin"], nn.Linear) and torch.allclose(scope["lin"](x), conv(x), atol=1e-6)
+    cls(scope["lin"])  # and it wraps

@@ -568,3 +568,17 @@ def test_lrlora_self_contained_copy_trains_and_merges(tmp_path):
     """)
     out = run_script("-c", script, cwd=tmp_path, env={"PYTHONPATH": None}, timeout=120)  # only the copy is importable
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_lrlora_class_defaults_are_the_form_train_py_runs():
+    """A file copied alone trains as train.py's LR-LoRA does: LRLoRALinear(base) is the centred form with the identity
+    start, the same module train.py builds from its defaults; center=False is Eq. 4 as printed (a = 0)."""
+    import config
+    args = config.parse_args(["--adapter", "lrlora"])
+    kw = config.adapter_kwargs("lrlora", args, config.setup(args))
+    base = nn.Linear(16, 12)
+    ours, trains = LRLoRALinear(base), LRLoRALinear(base, **kw)
+    assert ours.extra_repr() == trains.extra_repr() and torch.equal(ours.a, trains.a)
+    assert ours.center and ours.a_init == "identity"
+    printed = LRLoRALinear(base, center=False)
+    assert printed.a_init == "zero" and torch.equal(printed.a, torch.zeros(50))
