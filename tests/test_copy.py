@@ -2,8 +2,9 @@
 says, on transformers' LlamaForCausalLM, Qwen2ForCausalLM (biased q, k, v) and GPT2LMHeadModel (Conv1D layers).
 
 The README's two code blocks run as printed: the first (wrap, adapter_weights, merge) verbatim; the second with its
-import and its adapter line swapped for the method's, the call taken from the README's "Each method's call". Each
-adapter runs in its own subprocess, in a folder holding only its file, with the tiny models saved beside it.
+import and its adapter line swapped for the method's, the call taken from the README's "Each method's call". One
+subprocess runs the five in turn, each from a folder holding only its file, on tiny random models saved with
+save_pretrained and loaded afresh (from_pretrained) wherever the README says load_model().
 
 Run alone: python -m pytest -q tests/test_copy.py (test_all.py runs every topic)."""
 import json
@@ -58,7 +59,7 @@ def copy_usage(block, module, cls, call):
 
 
 # The subprocess: what a user's project does with one copied file, for each of the five in turn (one process: importing
-# transformers costs about 4 s of CPU a process). Each file sits alone in its own folder, which is the working directory
+# transformers costs 1-4 s of CPU a process). Each file sits alone in its own folder, which is the working directory
 # and the only one of the repository's on sys.path while it runs; the files imported before it are forgotten, so an
 # import of a sibling file would fail. Prints one JSON line per adapter and model family.
 COPY_HARNESS = r"""
