@@ -173,15 +173,20 @@ def seconds_per_step(model, x, y, device, dtype, n=3):
 
 
 def atomic_save(obj, path):
-    """Write to a temporary file, then rename: a crash never leaves a half-written file (.json as JSON, .txt as text)."""
+    """Write to a temporary file, then rename: a crash never leaves a half-written file (.json as JSON, .txt as text),
+    and a write that fails (a full disk, Ctrl-C) leaves the old file as it was and no temporary one behind."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    if path.endswith((".json", ".txt")):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1) if path.endswith(".json") else f.write(obj)
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        if path.endswith((".json", ".txt")):
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(obj, f, indent=1) if path.endswith(".json") else f.write(obj)
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # the write failed: the rename never happened
+            os.remove(tmp)
 
 
 @contextlib.contextmanager

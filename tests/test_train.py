@@ -109,6 +109,30 @@ def test_run_undone_leaves_weights_and_optimizer_state_as_they_were():
     assert all(torch.equal(a, b) for a, b in zip(after, [p] + list(opt.state[p].values())))
 
 
+@pytest.mark.parametrize("name", ["adapter.pt", "metrics.json"])
+def test_train_atomic_save_failing_midway_keeps_the_old_file_and_leaves_no_partial_one(tmp_path, monkeypatch, name):
+    """A save that fails halfway (a full disk, Ctrl-C): the file saved before is intact and no partial or temporary
+    file is left beside it. The write is torch.save's (.pt) or json.dump's (.json): each writes a part, then raises."""
+    path = tmp_path / name
+    engine.atomic_save({"old": 1}, str(path))
+    before = path.read_bytes()
+
+    def torch_half(obj, f):
+        with open(f, "wb") as fh:
+            fh.write(before[: len(before) // 2])
+        raise OSError(28, "No space left on device")
+
+    def json_half(obj, f, **kw):
+        f.write('{"new": ')
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", torch_half)
+    monkeypatch.setattr(json, "dump", json_half)
+    with pytest.raises(OSError, match="No space"):
+        engine.atomic_save({"new": 2}, str(path))
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [name]
+
+
 @pytest.mark.slow
 def test_train_compile_matches_eager(tmp_path, tiny_text, in_process, monkeypatch):
     """--compile compiles (dynamo's counters, per adapter) and trains the same adapter as eager. LoRA: the whole model, no
