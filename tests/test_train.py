@@ -557,6 +557,35 @@ def test_rank_stats_against_numpy_on_known_matrices():
     assert diagnostics.rank_stats(torch.tensor(cases["tiny"]))["numerical_rank"] == 0  # all below the 0.005 threshold
 
 
+def test_train_rank_report_f_prime0_is_the_slope_of_f_with_moved_bandwidths():
+    """The rank report's f'(0) of LR-LoRA (diagnostics.transfer_point; --rank-report prints it) against a central
+    difference of f itself (lrlora.transfer, the direct sum of Eq. 4), once the bandwidths b_k = softplus(beta_k) and
+    the amplitudes have moved off their init: at b_k = 1 a formula that lost its b_k factor would agree."""
+    import lrlora
+    from lrlora import LRLoRALinear
+
+    mods = {}
+    for i in range(2):
+        torch.manual_seed(i)
+        m = LRLoRALinear(nn.Linear(12, 10), r=2)
+        with torch.no_grad():
+            m.beta.add_(0.5 * torch.randn_like(m.beta))  # b_k from about 0.6 to 1.6
+            m.a.normal_(0.0, 0.3)
+            m.B.normal_(0.0, 0.1)
+        mods[f"layers.{i}.q_proj"] = m
+    eps, slopes = 1e-4, []
+    for m in mods.values():
+        a, b, g = m.a.detach().double(), F.softplus(m.beta.detach().double()), m.g.double()
+        f = lambda t: lrlora.transfer(torch.tensor(t, dtype=torch.float64), a, b, g).item()
+        slopes.append((f(eps) - f(-eps)) / (2 * eps))
+    assert (F.softplus(mods["layers.0.q_proj"].beta) - 1).abs().max() > 0.3 and min(map(abs, slopes)) > 0.1  # a real test
+    rep = diagnostics.rank_report(mods)
+    got = rep["transfer"]["f_prime0"]
+    for key, want in (("min", min(slopes)), ("max", max(slopes)), ("mean", sum(slopes) / 2)):
+        assert got[key] == pytest.approx(want, rel=1e-4), (key, got, slopes)
+    assert any(line.strip().startswith(f"f'(0)        mean {got['mean']:+.4g}") for line in diagnostics.rank_lines(rep, "t"))
+
+
 @pytest.mark.slow
 def test_adapter_all_compares_every_method(all_run, tmp_path, train_cache):
     """--adapter all (the run shared with the figure tests: all_run) writes compare.json, its table and compare.png."""
