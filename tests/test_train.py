@@ -449,6 +449,23 @@ def test_train_zero_or_negative_count_is_one_line_naming_the_flag(tmp_path, tiny
     assert status == 2 and lines == [f"error: {flag} {value}: must be at least 1"], (status, err)
 
 
+@pytest.mark.parametrize("argv, expected", [
+    (["--alpha", "0"], "--alpha 0: must be above 0"), (["--alpha", "inf"], "--alpha inf"),  # scale 0; inf: a nan loss
+    (["--dropout", "1"], "--dropout 1: must be"), (["--dropout", "-0.1"], "--dropout -0.1"),
+    (["--lr", "inf"], "--lr inf"), (["--lr", "nan"], "--lr nan"), (["--targets", ","], "no target"),
+    (["--adapter", "aurora", "--no-fixed", "--no-learnable"], "sigma would be 0"),  # AuroRA's sigma = 0: B gets no gradient
+    (["--adapter", "lrlora", "--lrlora-init", "zero"], "stationary point"),  # centred from a = 0: every gradient is 0
+    (["--adapter", "lrlora", "--grid-range", "0"], "grid_range=0")])
+def test_train_settings_that_would_train_nothing_are_one_line(tmp_path, tiny_text, in_process, capsys, monkeypatch, argv, expected):
+    """A setting under which the run would train nothing, or end in a nan loss, is one `error:` line before any work, as
+    a zero count is (test_train_zero_or_negative_count_is_one_line_naming_the_flag). --lr 0 stays: the untrained
+    baseline, asked for by name."""
+    status, err = run_in_process([*FAST, "--out-dir", str(tmp_path), "--data", tiny_text, "--adapter", "lora", *argv], capsys, monkeypatch)
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (status, err)
+    assert train.parse_args(["--lr", "0"]).lr == 0
+
+
 def test_train_short_runs_evaluate_at_most_every_15_steps():
     """The default interval: about 20 evaluations a run, but never closer than 15 steps (each evaluation and checkpoint
     costs several training steps: --steps 30 evaluated after every step); an explicit --eval-interval wins."""
