@@ -212,8 +212,9 @@ def stop_on_signal(note=print):
 @contextlib.contextmanager
 def file_lock(path, waiting=lambda: None):
     """One process at a time inside: an exclusive lock on the file at path (created if need be), waited for, released
-    when the block ends or the process dies. waiting() is called once if another process holds it. Where the
-    platform has no fcntl (Windows), no lock: two processes started together may then both do the work."""
+    when the block ends or the process dies. waiting() is called once if another process holds it; raising there
+    refuses instead of waiting (train.py's output folders). Where the platform has no fcntl (Windows), no lock: two
+    processes started together may then both do the work."""
     try:
         import fcntl
     except ImportError:

@@ -2,6 +2,7 @@
 
 Run alone: python -m pytest -q tests/test_train.py (test_all.py runs every topic)."""
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -422,6 +423,53 @@ def test_train_bad_input_is_one_clear_line_before_any_work(tmp_path, tiny_text, 
         kept = lines[0].split("(torch: ", 1)[1].removesuffix(")").removesuffix(" ...")
         assert len(full) > 100 and len(kept) <= 100 and " ".join(full.split()).startswith(kept), (full, kept)
         assert " ".join(full.split())[len(kept)] == " "  # cut between two words, not inside one
+
+
+@pytest.mark.parametrize("case", ["a file", "under a file", "adapter folder a file", "in use"])
+def test_train_out_dir_unwritable_or_in_use_is_one_line_before_any_work(tmp_path, tiny_text, in_process, capsys, monkeypatch, case):
+    """--out-dir is claimed before any work (it was first written after training: a traceback, the steps lost): a folder
+    that cannot be made is one line, and so is <out-dir>/<adapter>/ locked by another run (here this process holds the
+    lock; the two-process case: test_train_two_runs_on_one_out_dir_never_overwrite_each_other). The tests run as root,
+    for whom a chmod'ed folder stays writable: a path under a regular file fails for everyone (NotADirectoryError)."""
+    (tmp_path / "f").write_text("a file")
+    out = {"a file": tmp_path / "f", "under a file": tmp_path / "f" / "out"}.get(case, tmp_path / "out")
+    if case == "adapter folder a file":
+        out.mkdir()
+        (out / "lora").write_text("a file")
+    held = engine.file_lock(str(out / "lora" / ".lock")) if case == "in use" else contextlib.nullcontext()
+    with held:
+        status, err = run_in_process([*FAST, "--data", tiny_text, "--adapter", "lora", "--out-dir", str(out)], capsys, monkeypatch)
+    lines = err.strip().splitlines()
+    expected = f"{out / 'lora'} is in use by another run" if case == "in use" else f"--out-dir {out}: cannot write {out / 'lora'}"
+    assert status == 2 and len(lines) == 1 and lines[0].startswith(f"error: {expected}"), (status, err)
+
+
+@pytest.mark.slow
+def test_train_two_runs_on_one_out_dir_never_overwrite_each_other(tmp_path, tiny_text, train_cache, in_process, capsys, monkeypatch):
+    """Two commands with other settings (--rank 4 in a subprocess, --rank 16 in this process) on one --out-dir: while
+    the first trains, the second is one error line before any work (the folder's lock), and once the first has
+    finished, one line too (--overwrite); the first's adapter is never replaced. The first is paused (SIGSTOP) while it
+    holds the lock, so the two overlap whatever the machine's speed."""
+    argv = ["--adapter", "lora", "--data", tiny_text, "--out-dir", str(tmp_path), *FAST, "--skip", "sample,plot"]
+    first = run_script("train.py", *argv, "--rank", "4", cache=train_cache, env={"PYTHONUNBUFFERED": "1"}, wait=False)
+    try:
+        started = next((line for line in first.stdout if line.startswith("lora on ")), None)  # printed after the claim
+        assert started, first.stderr.read()[-3000:]
+        os.kill(first.pid, signal.SIGSTOP)
+        status, err = run_in_process([*argv, "--rank", "16"], capsys, monkeypatch)
+        os.kill(first.pid, signal.SIGCONT)
+        assert status == 2 and err.strip().splitlines() == [
+            f"error: {tmp_path / 'lora'} is in use by another run: wait for it to end, or choose another --out-dir"], err
+        assert first.wait(timeout=600) == 0, first.stderr.read()[-3000:]
+    finally:
+        if first.poll() is None:
+            os.kill(first.pid, signal.SIGCONT)
+            first.kill()
+        first.communicate()
+    saved = (tmp_path / "lora" / "adapter.pt").read_bytes()
+    assert torch.load(tmp_path / "lora" / "adapter.pt")["kwargs"]["r"] == 4
+    status, err = run_in_process([*argv, "--rank", "16"], capsys, monkeypatch)
+    assert status == 2 and "holds a finished run: pass --overwrite" in err and (tmp_path / "lora" / "adapter.pt").read_bytes() == saved, err
 
 
 @pytest.mark.slow
