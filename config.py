@@ -125,7 +125,7 @@ def parser():
                         "otherwise waits on Python to launch its kernels); this runs the same step eagerly, e.g. to debug or "
                         "profile it, or for a model whose step cannot be captured")
     p.add_argument("--seed", type=int, default=1337, help="seed of the adapter init and of the batches (default: %(default)s)")
-    p.add_argument("--out-dir", default="out", help="results go to OUT_DIR/<adapter>/ (default: %(default)s)")
+    p.add_argument("--out-dir", default="out", help="results go to OUT_DIR/<adapter>/, one run at a time (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in OUT_DIR/<adapter>/ (without it, the run refuses)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT_DIR/<adapter>/ holds an interrupted run")
     p.add_argument("--prompt", default="The ", help="start of the generated sample (default: %(default)r)")

@@ -425,7 +425,8 @@ def compare(results, args):
     """One table (also in compare.json) and one figure for several methods trained alike."""
     lines = diagnostics.compare_table(results)
     log("\n" + "\n".join(lines))
-    atomic_save({"steps": args.steps, "seed": args.seed, "data": args.data, "table": lines[:-1], "methods": results}, os.path.join(args.out_dir, "compare.json"))
+    atomic_save({"steps": args.steps, "seed": args.seed, "data": args.data, "table": lines[:2 + len(results)], "methods": results},
+                os.path.join(args.out_dir, "compare.json"))  # the table: its head and rows, without the notes
     png = os.path.join(args.out_dir, "compare.png")
     log(f"saved {args.out_dir}/compare.json" + (f", {png}" if plots.plot_compare(results, png) else " (pip install matplotlib for compare.png)"))
 

@@ -659,6 +659,10 @@ def test_adapter_all_compares_every_method(all_run, tmp_path, train_cache):
     assert list(cmp["methods"]) == list(train.ADAPTERS)
     rows = [line.split()[0] for line in cmp["table"][2:]]
     assert rows == list(train.ADAPTERS) and all(row in printed for row in cmp["table"])
+    # AuroRA dynamic's rank columns are of its approximate static merge, not of the model trained: marked, with a note
+    assert [line.split()[0] for line in cmp["table"][2:] if line.endswith(" *")] == ["aurora"]
+    assert f"* rank columns of {diagnostics.APPROXIMATE}" in printed.splitlines()
+    assert [n for n, m in cmp["methods"].items() if f"  dW is {diagnostics.APPROXIMATE}" in diagnostics.rank_lines(m["rank"], n)] == ["aurora"]
     for name, m in cmp["methods"].items():
         assert isinstance(m["init_seconds"], float) and m["init_seconds"] > 0  # wrapping timed (RanLoRA: its decompositions)
         if m["merge"]["max_abs_logit_diff"] is None:  # RanLoRA with GELU: no weight-space dW
