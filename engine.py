@@ -215,12 +215,12 @@ def file_lock(path, waiting=lambda: None):
     when the block ends or the process dies. waiting() is called once if another process holds it; raising there
     refuses instead of waiting (train.py's output folders). Where the platform has no fcntl (Windows), no lock: two
     processes started together may then both do the work."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # on every platform: a folder that cannot be made fails here
     try:
         import fcntl
     except ImportError:
         yield
         return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
