@@ -12,9 +12,9 @@ import torch
 
 import data
 import engine
-from checkpoints import read_json
+from checkpoints import read_config
 from config import UserError, log
-from nanogpt_model import GPT, LLaMA, ByteTokenizer, GPTConfig, LLaMAConfig, load_llama, load_tokenizer
+from nanogpt_model import GPT, LLaMA, ByteTokenizer, GPTConfig, load_llama, load_tokenizer
 
 
 def tokenizer(args):
@@ -48,9 +48,9 @@ def base_skeleton(args):
     try:
         if not os.path.isfile(hf) and not any(map(os.path.isfile, metas)):
             raise ValueError("not a directory with config.json (HF) or params.json (Meta)")
-        cfg = (LLaMAConfig.from_hf(read_json(hf)) if os.path.isfile(hf) else  # the vocabulary shapes no target:
-               LLaMAConfig.from_meta(read_json(next(filter(os.path.isfile, metas))), vocab_size=1))
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        # a Meta config's vocabulary comes from its weights: here 1, it shapes no target
+        cfg = read_config(hf if os.path.isfile(hf) else next(filter(os.path.isfile, metas)), vocab_size=1)
+    except (OSError, ValueError) as e:
         raise UserError(f"--init-from {args.init_from}: {e}")
     with torch.device("meta"):
         return LLaMA(cfg), f"LLaMA ({args.init_from})"

@@ -158,12 +158,22 @@ def read_json(path):
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
-def _read_hf(root):
-    spec = read_json(root / "config.json")
+def read_config(path, **meta):
+    """The LLaMAConfig of a HF config.json, or of a Meta params.json (meta: from_meta's vocab_size and
+    tie_word_embeddings, which the weights decide); a missing key or a bad value -> ValueError naming the file."""
+    spec = read_json(path)
     try:
-        cfg = LLaMAConfig.from_hf(spec)
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{root / 'config.json'}: {e if isinstance(e, ValueError) else f'bad or missing key {e}'}") from None
+        if not isinstance(spec, dict):
+            raise ValueError(f"a JSON {type(spec).__name__}, not an object")
+        return LLaMAConfig.from_meta(spec, **meta) if Path(path).name == "params.json" else LLaMAConfig.from_hf(spec)
+    except KeyError as e:
+        raise ValueError(f"{path}: missing key {e}") from None
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def _read_hf(root):
+    cfg = read_config(root / "config.json")
     raw = read_hf_weights(root)
     tensors, names = {}, {}
     for name, t in raw.items():
@@ -265,14 +275,10 @@ def _read_meta(root):
         assert isinstance(raw, dict) and all(isinstance(t, torch.Tensor) for t in raw.values())
     except Exception as e:  # weights_only: never unpickles code; anything odd is reported, not run
         raise ValueError(f"{shards[0]}: not a state dict of tensors ({type(e).__name__}: {e})") from None
-    params = read_json(root / "params.json")
-    if "tok_embeddings.weight" not in raw:
+    emb = raw.get("tok_embeddings.weight")
+    cfg = read_config(root / "params.json", vocab_size=None if emb is None else emb.shape[0], tie_word_embeddings="output.weight" not in raw)
+    if emb is None:
         raise ValueError(f"{shards[0]}: tensor tok_embeddings.weight is missing")
-    try:
-        cfg = LLaMAConfig.from_meta(params, vocab_size=raw["tok_embeddings.weight"].shape[0],
-                                    tie_word_embeddings="output.weight" not in raw)
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{root / 'params.json'}: {e if isinstance(e, ValueError) else f'missing key {e}'}") from None
     tensors, names = {}, {}
     for name, t in raw.items():
         if name == "rope.freqs":  # LLaMA-2 files carry their RoPE table; we derive it from params.json

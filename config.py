@@ -125,7 +125,7 @@ def parser():
                         "otherwise waits on Python to launch its kernels); this runs the same step eagerly, e.g. to debug or "
                         "profile it, or for a model whose step cannot be captured")
     p.add_argument("--seed", type=int, default=1337, help="seed of the adapter init and of the batches (default: %(default)s)")
-    p.add_argument("--out-dir", default="out", help="results go to OUT_DIR/<adapter>/ (default: %(default)s)")
+    p.add_argument("--out-dir", default="out", help="results go to OUT_DIR/<adapter>/, one run at a time (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in OUT_DIR/<adapter>/ (without it, the run refuses)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT_DIR/<adapter>/ holds an interrupted run")
     p.add_argument("--prompt", default="The ", help="start of the generated sample (default: %(default)r)")
@@ -145,14 +145,20 @@ def parser():
 
 def parse_args(argv=None):
     args = parser().parse_args(argv)
+    # checked as given, before a default replaces a None (an `x or default` would swallow 0). A value under which a run
+    # would train nothing, or fail mid-run, is refused here: 0 steps, batch, block or rank; --alpha 0 (scale 0);
+    # --dropout 1 (the adapter sees only zeros); --lr inf (a nan loss). Not --lr 0: the untrained baseline, asked for by
+    # name, which still evaluates, merges and saves (so --steps 0 is not needed for it, and is refused as a slip)
     for k in ("steps", "batch_size", "block_size", "eval_interval", "eval_iters", "base_steps", "sample_tokens", "r", "groups", "num_centers",
-              "grid_size"):  # counts: checked as given, before a default replaces a None (an `x or default` would swallow 0)
+              "grid_size"):  # counts
         if getattr(args, k) is not None and getattr(args, k) < 1:
             raise UserError(f"--{'rank' if k == 'r' else k.replace('_', '-')} {getattr(args, k)}: must be at least 1")
     if args.alpha is not None and not 0 < args.alpha < math.inf:
         raise UserError(f"--alpha {args.alpha:g}: must be above 0 (scale = alpha / rank)")
-    if args.lr is not None and not args.lr >= 0:
-        raise UserError(f"--lr {args.lr:g}: must be 0 or more")
+    if args.lr is not None and not 0 <= args.lr < math.inf:
+        raise UserError(f"--lr {args.lr:g}: must be 0 or more, and finite")
+    if args.dropout is not None and not 0 <= args.dropout < 1:
+        raise UserError(f"--dropout {args.dropout:g}: must be at least 0 and below 1 (1 would drop every input of the adapter)")
     if set(args.skip) - set(FINISH_STEPS):
         raise UserError(f"--skip {','.join(args.skip)}: choose from {', '.join(FINISH_STEPS)}")
     return args

@@ -52,7 +52,8 @@ def transfer_point(adapters):
 
 @torch.no_grad()
 def rank_report(adapters):
-    """Per-module diagnostics and their means; a method with no weight-space dW says why instead."""
+    """Per-module diagnostics and their means; a method with no weight-space dW says why instead. approximate: dW is
+    an inexact merge's (AuroRA dynamic: the paper's static form), not the update of the model trained."""
     per_module = {}
     for n, a in adapters.items():
         try:
@@ -60,7 +61,8 @@ def rank_report(adapters):
         except NotImplementedError as e:
             return {"per_module": None, "mean": None, "reason": str(e)}
     mean = {k: sum(m[k] for m in per_module.values()) / len(per_module) for k in ("numerical_rank", "stable_rank", "energy")}
-    return {"per_module": per_module, "mean": mean, "reason": None, "transfer": transfer_point(adapters)}
+    return {"per_module": per_module, "mean": mean, "reason": None, "transfer": transfer_point(adapters),
+            "approximate": not all(a.exact_merge for a in adapters.values())}
 
 
 def rank_lines(rep, title):
@@ -74,7 +76,7 @@ def rank_lines(rep, title):
         if key in rep.get("transfer", {}):
             st = rep["transfer"][key]
             lines.append(f"  {what:<12} mean {st['mean']:+.4g}, min {st['min']:+.4g}, max {st['max']:+.4g} over the modules")
-    return lines
+    return lines + ([f"  dW is {APPROXIMATE}"] if rep.get("approximate") else [])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,8 +149,12 @@ def finish_lines(m, out, figure, skipped_plot):
     return lines + [f"saved {out}/adapter.pt, metrics.json" + (", sample.txt" if m["sample"] is not None else "") + fig]
 
 
+APPROXIMATE = "the paper's static merge (AuroRA dynamic), an approximation: not the dW of the model trained"
+
+
 def compare_table(results):
-    """One row per method: parameters, loss, speed, merge and the rank diagnostics of its dW."""
+    """One row per method: parameters, loss, speed, merge and the rank diagnostics of its dW, marked * where that dW
+    is an inexact merge's; then the notes under the table."""
     head = f"{'method':<9} {'trainable':>10} {'val before':>10} {'val after':>9} {'tok/s':>8}  {'merge':<26} {'num.rank':>8} {'stable rk':>9} {'energy':>9}"
     lines = [head, "-" * len(head)]
     for name, m in results.items():
@@ -156,6 +162,8 @@ def compare_table(results):
         ranks = f"{mean['numerical_rank']:>8.1f} {mean['stable_rank']:>9.2f} {mean['energy']:>9.3g}" if mean else f"{'no weight-space dW':>28}"
         merge = ("(merge check failed)" if merge is None else "none (stays at inference)" if merge["max_abs_logit_diff"] is None
                  else "exact" if merge["exact"] else f"gap {merge['max_abs_logit_diff']:.2g}")
-        lines.append(f"{name:<9} {m['trainable_params']:>10,} {m['val_loss_before']:>10.4f} {m['val_loss_after']:>9.4f} {m['tokens_per_s']:>8,.0f}  {merge:<26} {ranks}")
-    return lines + ["rank columns: mean over adapted modules of dW's singular values > 0.005, ||dW||_F^2/||dW||_2^2, sum of sigma^2"]
+        mark = " *" if mean and m["rank"].get("approximate") else ""
+        lines.append(f"{name:<9} {m['trainable_params']:>10,} {m['val_loss_before']:>10.4f} {m['val_loss_after']:>9.4f} {m['tokens_per_s']:>8,.0f}  {merge:<26} {ranks}{mark}")
+    notes = ["rank columns: mean over adapted modules of dW's singular values > 0.005, ||dW||_F^2/||dW||_2^2, sum of sigma^2"]
+    return lines + notes + [f"* rank columns of {APPROXIMATE}"] * any(line.endswith(" *") for line in lines)
 

@@ -173,15 +173,20 @@ def seconds_per_step(model, x, y, device, dtype, n=3):
 
 
 def atomic_save(obj, path):
-    """Write to a temporary file, then rename: a crash never leaves a half-written file (.json as JSON, .txt as text)."""
+    """Write to a temporary file, then rename: a crash never leaves a half-written file (.json as JSON, .txt as text),
+    and a write that fails (a full disk, Ctrl-C) leaves the old file as it was and no temporary one behind."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    if path.endswith((".json", ".txt")):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1) if path.endswith(".json") else f.write(obj)
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        if path.endswith((".json", ".txt")):
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(obj, f, indent=1) if path.endswith(".json") else f.write(obj)
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # the write failed: the rename never happened
+            os.remove(tmp)
 
 
 @contextlib.contextmanager
@@ -207,14 +212,15 @@ def stop_on_signal(note=print):
 @contextlib.contextmanager
 def file_lock(path, waiting=lambda: None):
     """One process at a time inside: an exclusive lock on the file at path (created if need be), waited for, released
-    when the block ends or the process dies. waiting() is called once if another process holds it. Where the
-    platform has no fcntl (Windows), no lock: two processes started together may then both do the work."""
+    when the block ends or the process dies. waiting() is called once if another process holds it; raising there
+    refuses instead of waiting (train.py's output folders). Where the platform has no fcntl (Windows), no lock: two
+    processes started together may then both do the work."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # on every platform: a folder that cannot be made fails here
     try:
         import fcntl
     except ImportError:
         yield
         return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

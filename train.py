@@ -12,6 +12,7 @@ The file reads in the order it runs: command line -> prepare (every cheap check,
 once) -> wrap (a fresh copy of the base per adapter) -> train (one loop, which also pretrains the built-in
 GPT; the step itself is engine.Step) -> finish (save first, then sample, rank diagnostics, merge check) -> main.
 """
+import contextlib
 import copy
 import dataclasses
 import math
@@ -71,9 +72,10 @@ class Prepared:  # what every adapter's run shares: the base, the data, and the 
     jobs: list
 
 
-def prepare(args, s):
+def prepare(args, s, locks):
     """Check everything that can be checked from the command line, the files and the model's config alone
-    (no weights, no pretraining), then load the base and tokenize the data once for every adapter."""
+    (no weights, no pretraining), claim each adapter's output folder (its lock held in locks until the run ends),
+    then load the base and tokenize the data once for every adapter."""
     skeleton, base_desc = base_skeleton(args)
     if s.block_size > skeleton.max_seq_len:
         what = "the built-in GPT's context is fixed at" if args.init_from is None else "the model's context is"
@@ -87,15 +89,6 @@ def prepare(args, s):
         signature = {"adapter": name, "targets": targets, "kwargs": kwargs, "lr": lr, "steps": args.steps, "batch_size": s.batch_size,
                      "block_size": s.block_size, "seed": args.seed, "data": args.data, "base": base_desc, "world": s.world, "schedule": list(sched)}
         jobs.append(Job(name, targets, kwargs, lr, os.path.join(args.out_dir, name), signature, schedule=sched))
-        ckpt, done = os.path.join(jobs[-1].out, "ckpt.pt"), os.path.join(jobs[-1].out, "adapter.pt")
-        if os.path.exists(ckpt) and not args.no_resume:  # never overwrite a result silently: resume it, or ask
-            saved = load_checkpoint(ckpt, "checkpoint (pass --no-resume to start over)").get("signature")
-            if saved != signature:
-                diff = ", ".join(sorted(k for k in signature if saved.get(k) != signature[k]))
-                raise UserError(f"{ckpt} holds an interrupted run with other settings ({diff}): repeat its command, pass --no-resume to start over, or use another --out-dir")
-            jobs[-1].resume = True
-        elif os.path.exists(done) and not args.overwrite:
-            raise UserError(f"{done} holds a finished run: pass --overwrite to replace it, or choose another --out-dir")
     tok = tokenizer(args)
     try:
         problems = task.load(args.task_eval)["problems"] if args.task_eval else None
@@ -106,6 +99,8 @@ def prepare(args, s):
     train_data, val_data, skipped = read_data(args, s, tok)
     if skipped:
         log(f"data: skipped {skipped} file(s) that are not UTF-8 text")
+    for job in jobs:
+        claim(job, args, s, locks)
     frozen = load_base(args, s).requires_grad_(False)
     val_batches = data.eval_batches(val_data, args.eval_iters, s.batch_size, s.block_size)
     first = s.rank == 0
@@ -114,6 +109,30 @@ def prepare(args, s):
     if s.distributed:
         torch.distributed.barrier()  # every process has decided whether to resume before rank 0 replaces a checkpoint
     return Prepared(frozen, base_desc, tok, train_data, val_batches, val_before, problems, task_before, jobs)
+
+
+def claim(job, args, s, locks):
+    """Make <out-dir>/<adapter>/ this run's own, before any work: a folder it can write, locked for as long as the run
+    lasts (one run at a time: a second is refused, not queued), with no finished run in it unless --overwrite, and an
+    interrupted one resumed only with the same settings. Locked first, then looked into: two runs started together
+    cannot both find it empty."""
+    def busy():
+        raise UserError(f"{job.out} is in use by another run: wait for it to end, or choose another --out-dir")
+
+    if s.rank == 0:  # the process that writes it
+        try:
+            locks.enter_context(engine.file_lock(os.path.join(job.out, ".lock"), busy))
+        except OSError as e:  # a file where a folder should be, no permission, a read-only disk: not a traceback after training
+            raise UserError(f"--out-dir {args.out_dir}: cannot write {job.out} ({e.strerror or e})")
+    ckpt, done = os.path.join(job.out, "ckpt.pt"), os.path.join(job.out, "adapter.pt")
+    if os.path.exists(ckpt) and not args.no_resume:  # never overwrite a result silently: resume it, or ask
+        saved = load_checkpoint(ckpt, "checkpoint (pass --no-resume to start over)").get("signature")
+        if saved != job.signature:
+            diff = ", ".join(sorted(k for k in job.signature if saved.get(k) != job.signature[k]))
+            raise UserError(f"{ckpt} holds an interrupted run with other settings ({diff}): repeat its command, pass --no-resume to start over, or use another --out-dir")
+        job.resume = True
+    elif os.path.exists(done) and not args.overwrite:
+        raise UserError(f"{done} holds a finished run: pass --overwrite to replace it, or choose another --out-dir")
 
 
 def load_base(args, s):
@@ -406,12 +425,14 @@ def compare(results, args):
     """One table (also in compare.json) and one figure for several methods trained alike."""
     lines = diagnostics.compare_table(results)
     log("\n" + "\n".join(lines))
-    atomic_save({"steps": args.steps, "seed": args.seed, "data": args.data, "table": lines[:-1], "methods": results}, os.path.join(args.out_dir, "compare.json"))
+    atomic_save({"steps": args.steps, "seed": args.seed, "data": args.data, "table": lines[:2 + len(results)], "methods": results},
+                os.path.join(args.out_dir, "compare.json"))  # the table: its head and rows, without the notes
     png = os.path.join(args.out_dir, "compare.png")
     log(f"saved {args.out_dir}/compare.json" + (f", {png}" if plots.plot_compare(results, png) else " (pip install matplotlib for compare.png)"))
 
 
 def main(argv=None, env=os.environ):
+    locks = contextlib.ExitStack()  # the output folders this run owns (claim), released when it ends
     try:
         args = parse_args(argv)
         s = setup(args, env)
@@ -422,7 +443,7 @@ def main(argv=None, env=os.environ):
         if args.rank_report or args.plot or args.generate or args.export:
             use_saved_adapter(args, s)
             return 0
-        prep = prepare(args, s)
+        prep = prepare(args, s, locks)
         results = {job.name: run(job, args, s, prep) for job in prep.jobs}
         if s.rank != 0:
             return 0
@@ -440,6 +461,7 @@ def main(argv=None, env=os.environ):
         log(str(e))
         return 130
     finally:
+        locks.close()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

@@ -100,6 +100,25 @@ def test_llama_broken_config_json_names_the_file(tmp_path, capsys, monkeypatch, 
         assert status == 2 and err.strip().splitlines() == [f"error: --init-from {d}: {problem}"], (status, err)
 
 
+def test_checkpoints_config_missing_key_names_the_file_and_the_key(tmp_path, capsys, monkeypatch, train_cache):
+    """A config.json (HF) or params.json (Meta) without a key the model needs: load_llama and train.py's one line name
+    the file and the key (train.py said only `error: --init-from DIR: 'num_attention_heads'`)."""
+    monkeypatch.setenv("NONLINEAR_LORA_CACHE", train_cache)
+    for name, spec, key in (("config.json", {"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1}, "num_attention_heads"),
+                            ("params.json", {"dim": 8, "n_layers": 1}, "n_heads")):
+        d = tmp_path / name.removesuffix(".json")
+        d.mkdir()
+        (d / name).write_text(json.dumps(spec))
+        if name == "params.json":
+            torch.save({}, d / "consolidated.00.pth")
+        problem = f"{d / name}: missing key '{key}'"
+        with pytest.raises(ValueError) as e:
+            M.load_llama(d)
+        assert str(e.value) == problem
+        status, err = run_in_process(["--adapter", "lora", "--init-from", str(d), *FAST, "--out-dir", str(tmp_path / "out")], capsys, monkeypatch)
+        assert status == 2 and err.strip().splitlines() == [f"error: --init-from {d}: {problem}"], (status, err)
+
+
 # ----------------------------------------------------------------------------------------------
 # memory: a bf16 checkpoint stays bf16 and is not copied
 
