@@ -48,7 +48,8 @@ ADAPTERS = {
     "lora": Adapter("lora", "LoRALinear", "q,k,v,o,gate,up,down", 1e-3, 3e-3),  # 1e-2 diverged in the study
     "genlora": Adapter("genlora", "GenLoRALinear", "q,k,v", 5e-3, 3e-3),
     # LR-LoRA centred (f(BA) - f(0), a from f(0) = 0, f'(0) = 1; docs/results.md): on SmolLM2 val 1.1244, 85.3% at 3e-3 against
-    # the literal Eq. 4's 1.2391, 33.3% at its best 3e-4 (--no-lrlora-center); warm-up: App. E.1's ratio 0.10
+    # the literal Eq. 4's 1.2391, 33.3% at its best 3e-4 (--no-lrlora-center); warm-up: App. E.1's ratio 0.10. center=True is
+    # the class's default too, written out so that every adapter.pt records its form (older files may predate the default)
     "lrlora": Adapter("lrlora", "LRLoRALinear", "q,k,v,o,gate,up,down", 1e-3, 3e-3, llm_warmup=0.1, kwargs={"center": True}),
     "aurora": Adapter("aurora", "AuroRALinear", "q,k,v,up,down", 1e-2, 1e-2),  # the study's best was its largest lr: higher untried
     "ranlora": Adapter("ranlora", "RanLoRALinear", "q,k,v,up,down", 3e-3, 1e-2),  # as AuroRA: 1e-2 the grid's edge

@@ -95,6 +95,8 @@ class GenLoRALinear(nn.Module):
                              f">= 2 entries per group; valid: {valid}")
         if not isinstance(num_centers, int) or num_centers < 2:
             raise ValueError(f"num_centers={num_centers!r}: the RBF grid needs an integer >= 2 centers")
+        if alpha == 0:  # scale 0: the update, and every adapter gradient, would be 0
+            raise ValueError("alpha=0: scale = alpha / r = 0, so the adapter would train nothing; use alpha > 0")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout!r}: must be in [0, 1)")
         if freeze_latents not in (False, True, "A", "B"):

@@ -40,6 +40,8 @@ class LoRALinear(nn.Module):
                             + CONV1D_HINT * (type(base).__name__ == "Conv1D"))
         if not isinstance(r, int) or r < 1:
             raise ValueError(f"r={r!r}: the rank must be an integer >= 1")
+        if alpha == 0:  # scale 0: the update, and every adapter gradient, would be 0
+            raise ValueError("alpha=0: scale = alpha / r = 0, so the adapter would train nothing; use alpha > 0")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout!r}: must be in [0, 1)")
         self.base = base.requires_grad_(False)  # W0 (and its bias) stay frozen

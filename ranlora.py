@@ -95,6 +95,8 @@ class RanLoRALinear(nn.Module):
         m, n = base.out_features, base.in_features
         if not isinstance(r, int) or r < 1 or r > min(m, n):
             raise ValueError(f"r={r!r}: the rank must be an integer in [1, {min(m, n)}]")
+        if alpha == 0:  # scale 0: the update, and every adapter gradient, would be 0
+            raise ValueError("alpha=0: scale = alpha / r = 0, so the adapter would train nothing; use alpha > 0")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout!r}: must be in [0, 1)")
         if activation not in ACTIVATIONS:

@@ -212,3 +212,11 @@ def test_adapters_refuse_a_base_that_is_not_linear_and_the_conv1d_hint_is_exact(
     x = torch.randn(5, 8)
     assert isinstance(scope["lin"], nn.Linear) and torch.allclose(scope["lin"](x), conv(x), atol=1e-6)
     cls(scope["lin"])  # and it wraps
+
+
+@pytest.mark.parametrize("cls", ALL_CLASSES, ids=lambda c: c.__name__)
+def test_adapters_refuse_alpha_zero(cls):
+    """alpha = 0 is scale 0: the update and every adapter gradient would be 0, a run that trains nothing and says nothing."""
+    with pytest.raises(ValueError, match=r"^alpha=0: scale"):
+        cls(nn.Linear(8, 8), alpha=0)
+    cls(nn.Linear(8, 8), alpha=-1.0)  # a negative scale flips the update's sign: trainable, so allowed
