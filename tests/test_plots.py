@@ -161,9 +161,10 @@ def bottleneck_seen(model, adapters, batches):
     return {n: torch.cat(v).double() for n, v in seen.items()}
 
 
-def test_plot_lrlora_f_is_the_layers_f_over_the_range_of_BA():
+@pytest.mark.parametrize("center", [False, True], ids=["literal", "centred"])
+def test_plot_lrlora_f_is_the_layers_f_over_the_range_of_BA(center):
     plt = pytest.importorskip("matplotlib.pyplot")
-    model, adapters, batches = plot_model(LRLoRALinear, ["q", "up"])
+    model, adapters, batches = plot_model(LRLoRALinear, ["q", "up"], center=center)
     fig = plots.figure(model, adapters, batches)
     drawn = plot_drawn(fig, "f")
     assert len(drawn) == 4
@@ -174,8 +175,9 @@ def test_plot_lrlora_f_is_the_layers_f_over_the_range_of_BA():
         assert x[0] == pytest.approx(min(M.min(), 0)) and x[-1] == pytest.approx(max(M.max(), 0))  # B A's range, 0 in it
         a, b, g = m.a.detach().double().numpy(), F.softplus(m.beta).detach().double().numpy(), m.g.double().numpy()
         np.testing.assert_allclose(f, (a * np.sinc(b * (x[:, None] - g))).sum(1), rtol=1e-9, atol=1e-12)  # Eq. 4 in numpy
-        # the layer's own f, through its table: dW / scale at the entries of B A lies on the plotted curve
-        np.testing.assert_allclose(np.interp(M, x, f), (m.delta_weight() / m.scale).double().flatten().numpy(), rtol=0, atol=1e-4 * np.abs(f).max())
+        # the layer's own f, through its table: dW / scale at the entries of B A lies on the plotted curve (less f(0) if centred)
+        f0 = (a * np.sinc(-b * g)).sum() if center else 0.0
+        np.testing.assert_allclose(np.interp(M, x, f) - f0, (m.delta_weight() / m.scale).double().flatten().numpy(), rtol=0, atol=1e-4 * np.abs(f).max())
         x0, f0 = plot_data(fig, f"f0:{n}")
         assert x0[0] == 0 and f0[0] == pytest.approx((a * np.sinc(-b * g)).sum(), rel=1e-9)  # f(0): the all-ones term
     plt.close(fig)
