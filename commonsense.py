@@ -75,7 +75,8 @@ def check(spec, path):
                 raise ValueError("needs a gold index among its choices and an instruction")
         except (KeyError, TypeError, ValueError) as e:
             what = f"lacks {e}" if isinstance(e, KeyError) else str(e)
-            raise ValueError(f"{path}: problem {i} ({p.get('task') if isinstance(p, dict) else p!r}): {what}") from None
+            name = p.get("task") if isinstance(p, dict) else repr(p)
+            raise ValueError(f"{path}: problem {i} ({name}): {what}") from None
     return problems
 
 
