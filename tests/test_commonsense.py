@@ -96,7 +96,7 @@ def commonsense_problems():
              "requests": [["Is it? Answer: ", "yes"], ["Is it? Answer: ", "no"]]}]
 
 
-def test_commonsense_loglikelihoods_equal_transformers(monkeypatch):
+def test_commonsense_loglikelihoods_equal_transformers():
     """Each choice's summed log-probability (context once, the choices on its KV cache, logits only where scored) equals
     transformers' LlamaForCausalLM run on the whole context + continuation, for every choice, within float32 rounding."""
     if llama_optional("transformers") is None:
@@ -106,8 +106,7 @@ def test_commonsense_loglikelihoods_equal_transformers(monkeypatch):
     ours = M.LLaMA(M.LLaMAConfig.from_hf(hf.config.to_dict()))
     ours.load_state_dict({k.removeprefix("model."): v for k, v in hf.state_dict().items()})
     tok, problems = M.ByteTokenizer(), commonsense_problems()
-    monkeypatch.setattr(commonsense, "TOKEN_BUDGET", 40)  # several chunks of choices per context batch
-    got = commonsense.loglikelihoods(ours.eval(), tok, problems, "cpu", contextlib.nullcontext, budget=40)
+    got = commonsense.loglikelihoods(ours.eval(), tok, problems, "cpu", contextlib.nullcontext, budget=40)  # several chunks a batch
     with torch.no_grad():
         for p, lls in zip(problems, got):
             for (c, x), ll in zip(p["requests"], lls):
