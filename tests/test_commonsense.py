@@ -188,7 +188,7 @@ def test_commonsense_score_metrics(monkeypatch):
     problems = commonsense_problems()[:2] + [dict(commonsense_problems()[1], id=9, gold=1)]
     lls = [[-3.0, -4.0, -9.0], [-2.0, -2.0], [-5.0, -1.0]]  # acc: wrong, right (tie: first), right
     # acc_norm: -3/1, -4/3, -9/8 -> choice 2 (wrong, gold 1); -2/2, -2/4 -> choice 1 (wrong, gold 0); -5/2, -1/4 -> right
-    replies = ["answer2 or answer1", "nothing", "solution2"]  # right; no label (wrong); right
+    replies = ["answer2 or answer1", "Solution1", "solution2"]  # right; no label (case-sensitive, as LLM-Adapters: wrong); right
     monkeypatch.setattr(commonsense, "loglikelihoods", lambda *a, **k: lls)
     monkeypatch.setattr(commonsense, "generate", lambda *a, **k: replies)
     r = commonsense.score(torch.nn.Linear(1, 1), None, problems, "cpu", contextlib.nullcontext)
