@@ -187,7 +187,8 @@ def macro(per_task, metric):
 
 def score(model, tok, problems, device, autocast, scorers=("loglik", "generate"), max_new=MAX_NEW):
     """Both scorers (or those named) on every problem: per task n, acc, acc_norm, generate (each with its binomial
-    standard error; generate also counts the replies with no label word), the macro averages, and "accuracy": the
+    standard error; generate also counts the replies with no label word; gold_loglik, the right choice's mean summed
+    log-probability), the macro averages, and "accuracy": the
     headline metric, generate's macro average when it ran (the papers' metric), else acc_norm's."""
     was_training = model.training
     model.eval()
@@ -203,6 +204,7 @@ def score(model, tok, problems, device, autocast, scorers=("loglik", "generate")
             o = outcomes[p["task"]]
             o.setdefault("acc", []).append(max(range(len(ll)), key=ll.__getitem__) == p["gold"])  # first of ties, as argmax
             o.setdefault("acc_norm", []).append(max(range(len(norm)), key=norm.__getitem__) == p["gold"])
+            o.setdefault("gold_loglik", []).append(ll[p["gold"]])
     examples = []
     if "generate" in scorers:
         t = time.perf_counter()
@@ -215,7 +217,9 @@ def score(model, tok, problems, device, autocast, scorers=("loglik", "generate")
         examples = [{"task": p["task"], "id": p["id"], "gold": labels(p["task"], len(p["choices"]))[p["gold"]], "reply": r}
                     for p, r in list(zip(problems, replies))[:5]]
     for t, o in outcomes.items():
-        per_task[t] = {"n": sum(p["task"] == t for p in problems), **{m: summary(v) for m, v in o.items() if m != "none"}}
+        per_task[t] = {"n": sum(p["task"] == t for p in problems), **{m: summary(v) for m, v in o.items() if m not in ("none", "gold_loglik")}}
+        if "gold_loglik" in o:  # a continuous measure beside the accuracies: the mean log-probability of the right answer
+            per_task[t]["gold_loglik"] = sum(o["gold_loglik"]) / len(o["gold_loglik"])
         if "none" in o:
             per_task[t]["no_label"] = sum(o["none"])
     metrics = [m for m in ("acc", "acc_norm", "generate") if any(m in v for v in per_task.values())]

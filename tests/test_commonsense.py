@@ -194,6 +194,7 @@ def test_commonsense_score_metrics(monkeypatch):
     r = commonsense.score(torch.nn.Linear(1, 1), None, problems, "cpu", contextlib.nullcontext)
     arc, piqa = r["tasks"]["arc_easy"], r["tasks"]["piqa"]
     assert (arc["n"], arc["acc"]["acc"], arc["acc_norm"]["acc"], arc["generate"]["acc"]) == (1, 0, 0, 1)
+    assert (arc["gold_loglik"], piqa["gold_loglik"]) == (-4.0, -1.5)  # the gold choices: -4; -2 and -1
     assert (piqa["n"], piqa["acc"]["acc"], piqa["acc_norm"]["acc"], piqa["generate"]["acc"], piqa["no_label"]) == (2, 1, 0.5, 0.5, 1)
     assert piqa["acc_norm"]["se"] == pytest.approx(math.sqrt(0.25 / 2))
     assert r["macro"]["generate"]["acc"] == pytest.approx(0.75) and r["accuracy"] == r["macro"]["generate"]["acc"]
@@ -279,7 +280,8 @@ def test_commonsense_eval_file_with_an_unknown_task_or_a_missing_field(tmp_path,
 @pytest.mark.slow
 def test_commonsense_study_smoke_on_a_tiny_llama(tmp_path, capsys):
     """tools/study.py on a tiny random LLaMA: a few training steps of LLM-Adapters-format text, the commonsense scorers
-    before and after (a handful of items), and the study's table naming the task's metric."""
+    before and after (a handful of items), the study's table naming the task's metric; then commonsense.py alone on the
+    saved adapter gives the same scores."""
     import random_llama
 
     random_llama.main(str(tmp_path / "llama"), tiny=True)
@@ -299,3 +301,12 @@ def test_commonsense_study_smoke_on_a_tiny_llama(tmp_path, capsys):
         assert 0 <= m[when]["accuracy"] <= 1 and m[when]["metric"].startswith("generate")
     table = (out / "study.md").read_text()
     assert "generate (macro average over 4 sets)" in table
+    # alone, on the saved adapter: the same scores as train.py's after training (the same merged model, float32)
+    adapter = next(out.glob("runs/*/lora/adapter.pt"))
+    assert commonsense.main(["--init-from", str(tmp_path / "llama"), "--adapter", str(adapter), "--eval", str(tmp_path / "eval.json"),
+                             "--device", "cpu", "--out", str(tmp_path / "alone.json")]) == 0
+    alone = json.loads((tmp_path / "alone.json").read_text())
+    assert alone["macro"] == m["task"]["macro"]
+    for t, v in m["task"]["tasks"].items():  # the gold choice's mean log-likelihood: sensitive to every weight
+        assert alone["tasks"][t] == {**v, "gold_loglik": pytest.approx(v["gold_loglik"], rel=1e-6, abs=0)}
+        assert v["gold_loglik"] != pytest.approx(m["task_before"]["tasks"][t]["gold_loglik"], rel=1e-6, abs=0)  # training moved it
