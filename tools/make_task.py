@@ -18,6 +18,7 @@ The output is a function of the arguments and the reasoning-gym version (pinned 
 """
 import argparse
 import hashlib
+import math
 import json
 import os
 import sys
@@ -201,6 +202,36 @@ def key(text):  # what counts as the same question: case, punctuation and spacin
     return " ".join("".join(ch if ch.isalnum() else " " for ch in text.lower()).split())
 
 
+def near_copies(train, evals, threshold=0.8):
+    """Indices of the training items whose question is an evaluation question of the same set (after key()), or shares
+    at least `threshold` of their distinct words with one (Jaccard): WinoGrande's twin sentences (a word changed, the
+    answer flipped), HellaSwag's consecutive clips of one video, a rephrased ARC question. Exact, and fast by prefix
+    filtering: with the words of every question ordered rarest first, two questions that close share a word among the
+    first len - ceil(threshold * len) + 1 of each."""
+    found = set()
+    for task in dict.fromkeys(it["task"] for it in train):
+        ev = {key(it["question"]) for it in evals if it["task"] == task}
+        tr = [(i, key(it["question"])) for i, it in enumerate(train) if it["task"] == task]
+        count = {}
+        for k in [*ev, *(k for _, k in tr)]:
+            for x in set(k.split()):
+                count[x] = count.get(x, 0) + 1
+        rarest = lambda k: sorted(set(k.split()), key=lambda x: (count[x], x))  # noqa: E731
+        prefix = lambda w: w[: len(w) - math.ceil(threshold * len(w) - 1e-9) + 1]  # noqa: E731
+        ev = [frozenset(k.split()) for k in sorted(ev)]
+        same = set(ev)
+        index = {}
+        for j, w in enumerate(ev):
+            for x in prefix(rarest(" ".join(w))):
+                index.setdefault(x, []).append(j)
+        for i, k in tr:
+            w = frozenset(k.split())
+            cands = {j for x in prefix(rarest(k)) for j in index.get(x, ())}
+            if w in same or any(len(w & ev[j]) >= threshold * len(w | ev[j]) for j in cands):
+                found.add(i)
+    return found
+
+
 def half(name, doc_id):  # 0: training, 1: val-half; fixed by the set and the item, whatever else changes
     return hashlib.sha256(f"{name}:{doc_id}".encode()).digest()[0] % 2
 
@@ -231,12 +262,11 @@ def build_commonsense(source):
         evals += [dict(it, set=f"{name} val-half") for it in parts[1]]
         counts[f"{name} validation"] = len(items)
         counts[f"{name} val-half"] = len(parts[1])
-    held_out = {key(it["question"]) for it in evals}  # an evaluation question, or a near-copy, never trains
-    kept = [it for it in train if key(it["question"]) not in held_out]
+    copies = near_copies(train, evals)  # an evaluation question, or a near-copy of one, never trains
+    kept = [it for i, it in enumerate(train) if i not in copies]
     dropped = {}
-    for it in train:
-        if key(it["question"]) in held_out:
-            dropped[it["task"]] = dropped.get(it["task"], 0) + 1
+    for i in sorted(copies):
+        dropped[train[i]["task"]] = dropped.get(train[i]["task"], 0) + 1
     kept.sort(key=order)
     evals.sort(key=lambda it: (list(TEST).index(it["task"]) if it["task"] in TEST else len(TEST) + list(HALVED).index(it["task"]), order(it)))
     text = "".join(commonsense.line(it["instruction"], commonsense.labels(it["task"], len(it["choices"]))[it["gold"]]) for it in kept)
@@ -276,7 +306,7 @@ def commonsense_main(argv):
     for f in ("commonsense_train.txt", "commonsense_eval.json"):
         print(f"{out / f}: {os.path.getsize(out / f) / 1e6:.2f} MB")
     print(f"{record['training_items']:,} training items ({sum(record['left_out_as_eval_questions'].values())} left out: an evaluation "
-          f"question); evaluation: " + ", ".join(f"{s} {n:,}" for s, n in spec["sets"].items()))
+          f"question or a near-copy of one); evaluation: " + ", ".join(f"{s} {n:,}" for s, n in spec["sets"].items()))
     return 0
 
 
