@@ -136,10 +136,10 @@ def loglikelihoods(model, tok, problems, device, autocast, budget=TOKEN_BUDGET):
             with autocast():
                 rest = model(ids, cache=cache.rows(torch.tensor([x[0] for x in chunk], device=device)), keep=keep)
             rest = rest.float().log_softmax(-1).gather(-1, ids[:, 1:][keep[:, :-1]][:, None])[:, 0].double()
-            starts = torch.cumsum(lens - 1, 0) - (lens - 1)
-            for n, (r, i, j, cont) in enumerate(chunk):
-                s = first[r, cont[0]].double() + rest[starts[n] : starts[n] + len(cont) - 1].sum()
-                out[i][j] = s.item()
+            owner = torch.repeat_interleave(torch.arange(len(chunk), device=device), lens - 1)  # the row of each kept logit
+            total = first[[x[0] for x in chunk], ids[:, 0]].double().index_add(0, owner, rest).tolist()  # one sync a chunk
+            for (r, i, j, cont), s in zip(chunk, total):
+                out[i][j] = s
     return out
 
 
