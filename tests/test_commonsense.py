@@ -303,7 +303,7 @@ def test_commonsense_study_smoke_on_a_tiny_llama(tmp_path, capsys):
     (tmp_path / "train.txt").write_text("".join(items))
     (tmp_path / "eval.json").write_text(json.dumps({"format": "commonsense", "problems": problems}))
     out = tmp_path / "study"
-    r = run_script("tools/study.py", "--adapters", "lora", "--lrs", "1e-3", "--out", str(out), "--", "--init-from", str(tmp_path / "llama"),
+    r = run_script("tools/study.py", "--adapters", "lora", "--lrs", "1e-3", "--out", str(out), "--plot", "--", "--init-from", str(tmp_path / "llama"),
                    "--data", str(tmp_path / "train.txt"), "--task-eval", str(tmp_path / "eval.json"), "--steps", "3", "--batch-size", "2",
                    "--block-size", "64", "--eval-interval", "3", "--eval-iters", "1", "--device", "cpu")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -313,6 +313,11 @@ def test_commonsense_study_smoke_on_a_tiny_llama(tmp_path, capsys):
         assert 0 <= m[when]["accuracy"] <= 1 and m[when]["metric"].startswith("generate")
     table = (out / "study.md").read_text()
     assert "generate (macro average over 4 sets)" in table
+    if llama_optional("matplotlib") is not None:  # the figure has a third panel, the task's metric against lr: wider
+        from matplotlib.image import imread
+
+        h, w = imread(str(out / "study.png")).shape[:2]
+        assert w > 3 * h, (w, h)
     # alone, on the saved adapter: the same scores as train.py's after training (the same merged model, float32)
     adapter = next(out.glob("runs/*/lora/adapter.pt"))
     assert commonsense.main(["--init-from", str(tmp_path / "llama"), "--adapter", str(adapter), "--eval", str(tmp_path / "eval.json"),
