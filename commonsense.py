@@ -96,8 +96,19 @@ def encode_pair(tok, context, continuation):
     return ctx, tok.encode(context + continuation)[len(ctx):]
 
 
-def batches(items, length, budget):
-    """Items of equal length(item), in batches of at most budget tokens (no padding: the models take no mask)."""
+def batches(items, length, budget, pad):
+    """Items in batches of at most budget tokens (rows x the longest): of one length(item) each, or with pad, of any
+    lengths (shortest first), to be left-padded: on a GPU a few large batches beat many small ones (each forward is 30
+    layers of kernel launches), on a CPU padding is only wasted work."""
+    if pad:
+        group = []
+        for it in sorted(items, key=length):
+            if group and (len(group) + 1) * length(it) > budget:
+                yield group
+                group = []
+            group.append(it)
+        yield from [group] if group else []
+        return
     by_len = {}
     for it in items:
         by_len.setdefault(length(it), []).append(it)
@@ -107,8 +118,19 @@ def batches(items, length, budget):
             yield group[k : k + step]
 
 
+def left_padded(seqs, device):
+    """Token lists as one batch, left-padded to the longest, and a KVCache that knows the padding."""
+    n = max(map(len, seqs))
+    pad = [n - len(x) for x in seqs]
+    return torch.tensor([[0] * k + list(x) for k, x in zip(pad, seqs)], device=device), KVCache(torch.tensor(pad, device=device) if any(pad) else None)
+
+
+def padding(device, pad):  # by default, padded batches on a GPU only
+    return str(device).startswith("cuda") if pad is None else pad
+
+
 @torch.no_grad()
-def loglikelihoods(model, tok, problems, device, autocast, budget=TOKEN_BUDGET):
+def loglikelihoods(model, tok, problems, device, autocast, budget=TOKEN_BUDGET, pad=None):
     """Per problem, per choice: the summed log-probability of its continuation given its context (float64 sums)."""
     contexts = {}  # context tokens -> [(problem, choice, continuation tokens)]
     for i, p in enumerate(problems):
@@ -118,15 +140,14 @@ def loglikelihoods(model, tok, problems, device, autocast, budget=TOKEN_BUDGET):
                 raise ValueError(f"problem {i} choice {j}: an empty context or continuation after tokenizing")
             contexts.setdefault(tuple(ctx), []).append((i, j, cont))
     out = [[None] * len(p["requests"]) for p in problems]
-    for group in batches(list(contexts), len, budget):  # contexts of one length: one forward, their last logits kept
-        cache = KVCache()
-        idx = torch.tensor(group, device=device)
+    for group in batches(list(contexts), len, budget, padding(device, pad)):  # one forward, the last logits kept
+        idx, cache = left_padded(group, device)
         keep = torch.zeros(idx.shape, dtype=torch.bool, device=device)
         keep[:, -1] = True
         with autocast():
             first = model(idx, cache=cache, keep=keep).float().log_softmax(-1)  # predicts every choice's first token
         rows = [(r, *req) for r, ctx in enumerate(group) for req in contexts[ctx]]
-        per = max(1, budget // (len(group[0]) + max(len(x[3]) for x in rows)))
+        per = max(1, budget // (idx.shape[1] + max(len(x[3]) for x in rows)))
         for k in range(0, len(rows), per):  # the choices, on their context's cache, right-padded (causal: pads unseen)
             chunk = rows[k : k + per]
             T = max(len(x[3]) for x in chunk)
@@ -144,15 +165,15 @@ def loglikelihoods(model, tok, problems, device, autocast, budget=TOKEN_BUDGET):
 
 
 @torch.no_grad()
-def generate(model, tok, problems, device, autocast, max_new=MAX_NEW, budget=TOKEN_BUDGET):
+def generate(model, tok, problems, device, autocast, max_new=MAX_NEW, budget=TOKEN_BUDGET, pad=None):
     """Greedy replies to each problem's prompt, stopped once the task's pattern has matched (later tokens cannot change
-    the first match), at the end-of-text token, or after max_new tokens. Prompts of one token length share a batch."""
+    the first match), at the end-of-text token, or after max_new tokens. Batches as batches() makes them."""
     ids = [tok.encode(prompt(p["instruction"])) for p in problems]
     eos = getattr(tok, "eos_id", None)
     replies = [""] * len(problems)
-    for group in batches(list(range(len(problems))), lambda i: len(ids[i]), budget):
-        cache, new = KVCache(), [[] for _ in group]
-        x = torch.tensor([ids[i] for i in group], device=device)
+    for group in batches(list(range(len(problems))), lambda i: len(ids[i]) + max_new, budget, padding(device, pad)):
+        x, cache = left_padded([ids[i] for i in group], device)
+        new = [[] for _ in group]
         done = [False] * len(group)
         for _ in range(max_new):
             keep = torch.zeros(x.shape, dtype=torch.bool, device=device)
@@ -187,7 +208,7 @@ def macro(per_task, metric):
     return {"acc": sum(g["acc"] for g in got) / len(got), "se": math.sqrt(sum(g["se"] ** 2 for g in got)) / len(got), "tasks": len(got)}
 
 
-def score(model, tok, problems, device, autocast, scorers=("loglik", "generate"), max_new=MAX_NEW):
+def score(model, tok, problems, device, autocast, scorers=("loglik", "generate"), max_new=MAX_NEW, pad=None):
     """Both scorers (or those named) on every problem: per task n, acc, acc_norm, generate (each with its binomial
     standard error; generate also counts the replies with no label word; gold_loglik, the right choice's mean summed
     log-probability), the macro averages, and "accuracy": the
@@ -199,7 +220,7 @@ def score(model, tok, problems, device, autocast, scorers=("loglik", "generate")
     outcomes = {t: {} for t in tasks}
     if "loglik" in scorers:
         t = time.perf_counter()
-        lls = loglikelihoods(model, tok, problems, device, autocast)
+        lls = loglikelihoods(model, tok, problems, device, autocast, pad=pad)
         seconds["loglik"] = time.perf_counter() - t
         for p, ll in zip(problems, lls):
             norm = [s / max(1, len(c)) for s, c in zip(ll, p["choices"])]
@@ -210,7 +231,7 @@ def score(model, tok, problems, device, autocast, scorers=("loglik", "generate")
     examples = []
     if "generate" in scorers:
         t = time.perf_counter()
-        replies = generate(model, tok, problems, device, autocast, max_new)
+        replies = generate(model, tok, problems, device, autocast, max_new, pad=pad)
         seconds["generate"] = time.perf_counter() - t
         for p, reply in zip(problems, replies):
             got = extract(p["task"], reply)

@@ -43,28 +43,39 @@ class ByteTokenizer:
 class KVCache:
     """Every layer's keys and values of the tokens a model has seen, so that a forward of new tokens attends to them
     without computing them again: the choices of a multiple-choice question scored after one pass over the question,
-    greedy decoding one token a step (commonsense.py). model(idx, cache=c) appends idx's keys and values."""
+    greedy decoding one token a step (commonsense.py). model(idx, cache=c) appends idx's keys and values.
+    pad, a (B,) tensor: each row's first pad[b] tokens are left padding (sequences of different lengths in one batch):
+    no token attends to them, and each row's positions count from its first real token."""
 
-    def __init__(self):
-        self.kv, self.length = {}, 0  # layer -> (k, v) of shape (B, kv heads, length, head dim); tokens so far
+    def __init__(self, pad=None):
+        self.kv, self.length, self.pad = {}, 0, pad  # layer -> (k, v) of shape (B, kv heads, length, head dim); tokens so far
 
     def rows(self, index):
         """A cache whose row i is this one's row index[i] (several choices continuing one question)."""
-        c = KVCache()
+        c = KVCache(None if self.pad is None else self.pad[index])
         c.kv, c.length = {i: (k[index], v[index]) for i, (k, v) in self.kv.items()}, self.length
         return c
+
+    def positions(self, T, device):
+        """The positions of the next T tokens, (1, T), or (B, T) with padding."""
+        p = torch.arange(self.length, self.length + T, device=device)[None]
+        return p if self.pad is None else (p - self.pad[:, None]).clamp(min=0)
 
 
 def attend(q, k, v, cache, layer, enable_gqa=False):
     """Causal attention of q over k, v, after the cached keys and values of the same layer when there is a cache."""
-    if cache is None or layer not in cache.kv:  # nothing cached: plain causal attention (keeping k, v if caching)
+    if cache is None or layer not in cache.kv and cache.pad is None:  # nothing before, no padding: plain causal attention
         if cache is not None:
             cache.kv[layer] = (k, v)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
-    k, v = (torch.cat(t, dim=2) for t in zip(cache.kv[layer], (k, v)))
+    if layer in cache.kv:
+        k, v = (torch.cat(t, dim=2) for t in zip(cache.kv[layer], (k, v)))
     cache.kv[layer] = (k, v)
     T, S = q.shape[2], k.shape[2]  # new token i (position S - T + i) sees the keys at positions up to its own
-    mask = torch.arange(S, device=q.device)[None, :] <= torch.arange(S - T, S, device=q.device)[:, None]
+    key, query = torch.arange(S, device=q.device)[None, :], torch.arange(S - T, S, device=q.device)[:, None]
+    mask = key <= query
+    if cache.pad is not None:  # padding is no key, except to itself: a query with no key at all is NaN on some kernels
+        mask = ((mask & (key >= cache.pad[:, None, None])) | (key == query))[:, None]  # (B, 1, T, S)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
 
 
@@ -162,7 +173,8 @@ class GPT(nn.Module):
         T = start + idx.shape[1]
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
-        x = self.drop(self.wte(idx) + self.wpe(torch.arange(start, T, device=idx.device)))
+        pos = torch.arange(T, device=idx.device) if cache is None else cache.positions(idx.shape[1], idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
         for i, block in enumerate(self.layers):
             x = block(x, cache, i)
         if cache is not None:
@@ -305,10 +317,12 @@ def rope_inv_freq(cfg: LLaMAConfig, device=None):
     return torch.where(medium, blended, scaled)
 
 
-def rope_cos_sin(cfg: LLaMAConfig, T, device, dtype):
-    """cos and sin of position * frequency, (T, head_dim), computed in float32 then cast (as HF does).
+def rope_cos_sin(cfg: LLaMAConfig, T, device, dtype, positions=None):
+    """cos and sin of position * frequency, (T, head_dim) for positions 0 ... T - 1 (or positions' shape + (head_dim,)),
+    computed in float32 then cast (as HF does).
     Computed per forward from the config, not kept as a buffer: nothing to lose to device="meta" or .to(bf16)."""
-    freqs = torch.outer(torch.arange(T, device=device).float(), rope_inv_freq(cfg, device))
+    pos = torch.arange(T, device=device) if positions is None else positions
+    freqs = pos.float()[..., None] * rope_inv_freq(cfg, device)  # torch.outer's products, for any shape of positions
     emb = torch.cat((freqs, freqs), dim=-1)  # half-split layout: dim i pairs with dim i + head_dim/2
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -397,7 +411,10 @@ class LLaMA(nn.Module):
         if T > self.max_seq_len:
             raise ValueError(f"sequence of {T} tokens is longer than max_position_embeddings {self.max_seq_len}")
         x = self.embed_tokens(idx)
-        cos, sin = (t[start:] for t in rope_cos_sin(self.config, T, x.device, x.dtype))
+        if cache is None:
+            cos, sin = rope_cos_sin(self.config, T, x.device, x.dtype)
+        else:  # (1 or B, 1, new tokens, head dim): each row's own positions, broadcast over the heads
+            cos, sin = (t[:, None] for t in rope_cos_sin(self.config, T, x.device, x.dtype, cache.positions(idx.shape[1], x.device)))
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i)
         if cache is not None:

@@ -110,7 +110,8 @@ def commonsense_problems():
 
 def test_commonsense_loglikelihoods_equal_transformers():
     """Each choice's summed log-probability (context once, the choices on its KV cache, logits only where scored) equals
-    transformers' LlamaForCausalLM run on the whole context + continuation, for every choice, within float32 rounding."""
+    transformers' LlamaForCausalLM run on the whole context + continuation, for every choice, within float32 rounding;
+    so do left-padded batches of contexts of different lengths."""
     if llama_optional("transformers") is None:
         pytest.skip("transformers not installed")
     hf = llama_hf_model(vocab_size=256, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
@@ -119,6 +120,9 @@ def test_commonsense_loglikelihoods_equal_transformers():
     ours.load_state_dict({k.removeprefix("model."): v for k, v in hf.state_dict().items()})
     tok, problems = M.ByteTokenizer(), commonsense_problems()
     got = commonsense.loglikelihoods(ours.eval(), tok, problems, "cpu", contextlib.nullcontext, budget=40)  # several chunks a batch
+    # left-padded batches (a GPU's default): contexts of 4 lengths in one forward, their choices in chunks of 4 rows
+    padded = commonsense.loglikelihoods(ours, tok, problems, "cpu", contextlib.nullcontext, budget=200, pad=True)
+    assert [x for v in padded for x in v] == pytest.approx([x for v in got for x in v], abs=1e-4)
     with torch.no_grad():
         for p, lls in zip(problems, got):
             for (c, x), ll in zip(p["requests"], lls):
@@ -172,9 +176,18 @@ class CommonsenseScripted(torch.nn.Module):
         return logits
 
 
+class CommonsenseLatin1(M.ByteTokenizer):
+    """Bytes decoded one character each: a random model's replies compared token for token (UTF-8 with replacement
+    characters would make different bytes look alike)."""
+
+    def decode(self, ids):
+        return bytes(int(i) for i in ids).decode("latin-1")
+
+
 def test_commonsense_generate_stops_after_the_label_and_equals_plain_greedy():
     """Greedy replies stop right after the first label word of the task's pattern (nothing later can change it) or at
-    max_new tokens; prompts of one length share a batch. On a random LLaMA the cached decoding equals the plain loop."""
+    max_new tokens; prompts of one length share a batch. On a random LLaMA and a random built-in GPT the cached decoding
+    equals the plain loop, in batches of one prompt length and in left-padded ones."""
     problems = [{"task": t, "instruction": q} for t, q in [("piqa", "q1"), ("piqa", "q2"), ("boolq", "q3"), ("hellaswag", "q44")]]
     replies = {"q1": "so solution2, not solution1", "q2": "Solution1 maybe", "q3": "it is false", "q44": "the correct answer is ending3"}
     model = CommonsenseScripted(replies)
@@ -184,14 +197,19 @@ def test_commonsense_generate_stops_after_the_label_and_equals_plain_greedy():
     torch.manual_seed(0)
     llama = M.LLaMA(M.LLaMAConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                                   num_key_value_heads=2, max_position_embeddings=512)).eval()
+    gpt = M.GPT(M.GPTConfig(block_size=256, n_layer=2, n_head=2, n_embd=32)).eval()
     with torch.no_grad():
-        for p in llama.parameters():
-            p.normal_(0, 0.3)
-    got = commonsense.generate(llama, M.ByteTokenizer(), problems, "cpu", contextlib.nullcontext, max_new=6)
-    for p, reply in zip(problems, got):
-        ids = torch.tensor([M.ByteTokenizer().encode(commonsense.prompt(p["instruction"]))])
-        plain = M.generate(llama, ids, 6, temperature=0)[0, ids.shape[1]:].tolist()
-        assert reply == M.ByteTokenizer().decode(plain)
+        for p in [*llama.parameters(), *gpt.parameters()]:
+            if p.ndim == 2:  # the matrices (norm weights at 0.3 would make the GPT's replies one repeated byte)
+                p.normal_(0, 0.3)
+    tok = CommonsenseLatin1()
+    for model in (llama, gpt):
+        for pad in (False, True):  # padded: the four prompts (two lengths) in one left-padded batch
+            got = commonsense.generate(model, tok, problems, "cpu", contextlib.nullcontext, max_new=6, pad=pad)
+            for p, reply in zip(problems, got):
+                ids = torch.tensor([tok.encode(commonsense.prompt(p["instruction"]))])
+                plain = M.generate(model, ids, 6, temperature=0)[0, ids.shape[1]:].tolist()
+                assert reply == tok.decode(plain), (type(model).__name__, pad, reply, tok.decode(plain))
 
 
 def test_commonsense_score_metrics(monkeypatch):
