@@ -132,7 +132,8 @@ def parser():
     p.add_argument("--prompt", default="The ", help="start of the generated sample (default: %(default)r)")
     p.add_argument("--sample-tokens", type=int, default=200, help="length of the generated sample (default: %(default)s)")
     p.add_argument("--task-eval", metavar="FILE", help="a task file (tools/make_task.py): greedy exact-match accuracy on its problems "
-                                                       "before and after training, into metrics.json (task.py)")
+                                                       "(task.py), or on a commonsense evaluation file both its scorers (commonsense.py), "
+                                                       "before and after training, into metrics.json")
     p.add_argument("--skip", default="", type=lambda v: [w for w in v.split(",") if w], metavar="LIST",
                    help="what not to run after the last step, a comma list of " + ", ".join(FINISH_STEPS) + " (tools/study.py skips sample,plot)")
     saved = p.add_mutually_exclusive_group()  # a saved adapter.pt on its base, instead of training

@@ -37,6 +37,49 @@ class ByteTokenizer:
 
 
 # ----------------------------------------------------------------------------------------------
+# a key-value cache, shared by both models' attention
+
+
+class KVCache:
+    """Every layer's keys and values of the tokens a model has seen, so that a forward of new tokens attends to them
+    without computing them again: the choices of a multiple-choice question scored after one pass over the question,
+    greedy decoding one token a step (commonsense.py). model(idx, cache=c) appends idx's keys and values.
+    pad, a (B,) tensor: each row's first pad[b] tokens are left padding (sequences of different lengths in one batch):
+    no token attends to them, and each row's positions count from its first real token."""
+
+    def __init__(self, pad=None):
+        self.kv, self.length, self.pad = {}, 0, pad  # layer -> (k, v) of shape (B, kv heads, length, head dim); tokens so far
+
+    def rows(self, index):
+        """A cache whose row i is this one's row index[i] (several choices continuing one question)."""
+        c = KVCache(None if self.pad is None else self.pad[index])
+        c.kv, c.length = {i: (k[index], v[index]) for i, (k, v) in self.kv.items()}, self.length
+        return c
+
+    def positions(self, T, device):
+        """The positions of the next T tokens, (1, T), or (B, T) with padding."""
+        p = torch.arange(self.length, self.length + T, device=device)[None]
+        return p if self.pad is None else (p - self.pad[:, None]).clamp(min=0)
+
+
+def attend(q, k, v, cache, layer, enable_gqa=False):
+    """Causal attention of q over k, v, after the cached keys and values of the same layer when there is a cache."""
+    if cache is None or layer not in cache.kv and cache.pad is None:  # nothing before, no padding: plain causal attention
+        if cache is not None:
+            cache.kv[layer] = (k, v)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+    if layer in cache.kv:
+        k, v = (torch.cat(t, dim=2) for t in zip(cache.kv[layer], (k, v)))
+    cache.kv[layer] = (k, v)
+    T, S = q.shape[2], k.shape[2]  # new token i (position S - T + i) sees the keys at positions up to its own
+    key, query = torch.arange(S, device=q.device)[None, :], torch.arange(S - T, S, device=q.device)[:, None]
+    mask = key <= query
+    if cache.pad is not None:  # padding is no key, except to itself: a query with no key at all is NaN on some kernels
+        mask = ((mask & (key >= cache.pad[:, None, None])) | (key == query))[:, None]  # (B, 1, T, S)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
+
+
+# ----------------------------------------------------------------------------------------------
 # the built-in GPT
 
 
@@ -62,10 +105,13 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
 
-    def forward(self, x):
+    def forward(self, x, cache=None, layer=0):
         B, T, C = x.shape
         q, k, v = (p(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        if cache is not None:  # inference only: no attention dropout
+            y = attend(q, k, v, cache, layer)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -88,8 +134,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -120,14 +166,20 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, 0.0, 0.02)
 
-    def forward(self, idx):
-        T = idx.shape[1]
+    def forward(self, idx, cache=None, keep=None):
+        """Logits (B, T, vocab); with a KVCache, idx continues the tokens cached; with keep, a (B, T) bool mask, only
+        the kept positions' logits, (kept, vocab) in row-major order (the head is a large share of a small model's work)."""
+        start = cache.length if cache is not None else 0
+        T = start + idx.shape[1]
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
-        x = self.drop(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)))
-        for block in self.layers:
-            x = block(x)
-        return self.lm_head(self.ln_f(x))  # logits (B, T, vocab)
+        pos = torch.arange(T, device=idx.device) if cache is None else cache.positions(idx.shape[1], idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        for i, block in enumerate(self.layers):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.length = T
+        return self.lm_head(self.ln_f(x if keep is None else x[keep]))
 
     @property
     def max_seq_len(self):
@@ -265,10 +317,12 @@ def rope_inv_freq(cfg: LLaMAConfig, device=None):
     return torch.where(medium, blended, scaled)
 
 
-def rope_cos_sin(cfg: LLaMAConfig, T, device, dtype):
-    """cos and sin of position * frequency, (T, head_dim), computed in float32 then cast (as HF does).
+def rope_cos_sin(cfg: LLaMAConfig, T, device, dtype, positions=None):
+    """cos and sin of position * frequency, (T, head_dim) for positions 0 ... T - 1 (or positions' shape + (head_dim,)),
+    computed in float32 then cast (as HF does).
     Computed per forward from the config, not kept as a buffer: nothing to lose to device="meta" or .to(bf16)."""
-    freqs = torch.outer(torch.arange(T, device=device).float(), rope_inv_freq(cfg, device))
+    pos = torch.arange(T, device=device) if positions is None else positions
+    freqs = pos.float()[..., None] * rope_inv_freq(cfg, device)  # torch.outer's products, for any shape of positions
     emb = torch.cat((freqs, freqs), dim=-1)  # half-split layout: dim i pairs with dim i + head_dim/2
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -303,11 +357,11 @@ class LLaMAAttention(nn.Module):
         self.v_proj = nn.Linear(D, self.n_kv_head * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, D, bias=bias)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, cache=None, layer=0):
         B, T, _ = x.shape
         q, k, v = (p(x).view(B, T, -1, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
+        y = attend(q, k, v, cache, layer, enable_gqa=self.n_kv_head != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -331,8 +385,8 @@ class LLaMABlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LLaMAMLP(cfg)
 
-    def forward(self, x, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x, cos, sin, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -349,15 +403,23 @@ class LLaMA(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, idx):
-        T = idx.shape[1]
+    def forward(self, idx, cache=None, keep=None):
+        """Logits (B, T, vocab); cache and keep as GPT.forward's (a KVCache to continue, a bool mask of the positions
+        whose logits are wanted)."""
+        start = cache.length if cache is not None else 0
+        T = start + idx.shape[1]
         if T > self.max_seq_len:
             raise ValueError(f"sequence of {T} tokens is longer than max_position_embeddings {self.max_seq_len}")
         x = self.embed_tokens(idx)
-        cos, sin = rope_cos_sin(self.config, T, x.device, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
-        return self.lm_head(self.norm(x))  # logits (B, T, vocab)
+        if cache is None:
+            cos, sin = rope_cos_sin(self.config, T, x.device, x.dtype)
+        else:  # (1 or B, 1, new tokens, head dim): each row's own positions, broadcast over the heads
+            cos, sin = (t[:, None] for t in rope_cos_sin(self.config, T, x.device, x.dtype, cache.positions(idx.shape[1], x.device)))
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i)
+        if cache is not None:
+            cache.length = T
+        return self.lm_head(self.norm(x if keep is None else x[keep]))
 
     @property
     def max_seq_len(self):

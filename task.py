@@ -13,6 +13,8 @@ from decimal import Decimal, InvalidOperation
 
 import torch
 
+import commonsense
+
 
 def line(question, answer):  # one problem of the training text
     return f"{question} = {answer}\n"
@@ -42,25 +44,36 @@ def exact_match(generated, answer):
 
 
 def load(path):
-    """A task file: JSON with "problems": [{"question", "answer"}, ...] (and what made it, for the record)."""
+    """A task file: JSON with "problems": [{"question", "answer"}, ...] (and what made it, for the record), or a
+    commonsense evaluation file ("format": "commonsense", commonsense.check)."""
     try:
         with open(path, encoding="utf-8") as f:
             spec = json.load(f)
+        if isinstance(spec, dict) and spec.get("format") == "commonsense":
+            commonsense.check(spec, path)
+            return spec
         problems = spec["problems"]
         if not problems or not all(isinstance(p["question"], str) and isinstance(p["answer"], str) for p in problems):
             raise ValueError("no problems, or a problem without a string question and answer")
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except ValueError as e:
+        if str(e).startswith(str(path)):  # commonsense.check's message names the file and the problem
+            raise
+        raise ValueError(f"{path}: not a task file ({type(e).__name__}: {e}); tools/make_task.py writes one") from None
+    except (OSError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a task file ({type(e).__name__}: {e}); tools/make_task.py writes one") from None
     return spec
 
 
 @torch.no_grad()
 def accuracy(model, tok, problems, device, autocast, batch_size=512):
-    """Greedy answers to every problem, scored: {"accuracy", "correct", "n", "seconds", "examples"}.
+    """Greedy answers to every problem, scored: {"accuracy", "correct", "n", "seconds", "examples"}. Commonsense
+    problems (multiple choice) go to commonsense.score, whose result has "accuracy" (its headline metric) too.
 
     The models here take no attention mask, so prompts are batched by token length (no padding) and each new token
     runs the whole prefix again (no KV cache: answers are a few tokens). A batch stops once every row has produced a
     line break, or after the longest answer's token count + 2 new tokens."""
+    if "requests" in problems[0]:
+        return commonsense.score(model, tok, problems, device, autocast)
     was_training = model.training
     model.eval()
     t = time.perf_counter()

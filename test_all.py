@@ -12,7 +12,7 @@ import importlib
 import os
 
 TOPICS = ["lora", "genlora", "lrlora", "aurora", "ranlora", "adapters", "train", "llama", "checkpoints", "tokenizers",
-          "bench", "plots", "export", "study", "fused", "copy"]  # in this order: the adapters' quick tests first
+          "bench", "plots", "export", "study", "fused", "copy", "commonsense"]  # in this order: the adapters' quick tests first
 
 _here = os.path.dirname(os.path.abspath(__file__))
 _files = {os.path.basename(f)[len("test_"):-len(".py")] for f in glob.glob(os.path.join(_here, "tests", "test_*.py"))}

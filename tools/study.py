@@ -32,6 +32,7 @@ import engine  # noqa: E402  (atomic_save)
 
 SPEC_FLAGS = {"r": "--rank", "init": "--ranlora-init"}  # entry key -> train.py flag where the names differ
 OWN_FLAGS = ("--adapter", "--lr", "--seed", "--out-dir")  # set per run by the study
+TASK_METRIC = "task accuracy"  # chain_sum's exact match; a task whose scorer names its metric (commonsense.py) shows that name
 SKIP = "sample,plot"  # after the last step, not needed for the table (train.py --skip; the merge check and rank report stay)
 
 
@@ -217,6 +218,7 @@ def record(out, entry, spec, lr, seed):
                    trainable_params=m["trainable_params"], val_loss_before=m["val_loss_before"], val_loss_at_init=m["val_loss_at_init"],
                    init_gap_max_abs_logit_diff=m["init_gap_max_abs_logit_diff"], val_curve=[[c["step"], c["val_loss"]] for c in m["curve"]],
                    val_loss=m["val_loss_after"], task_accuracy=task_after.get("accuracy"), task_accuracy_before=task_before.get("accuracy"),
+                   task_metric=task_after.get("metric") or task_before.get("metric") or TASK_METRIC,
                    tokens_per_s=m["tokens_per_s"], wall_s=run.get("wall_s", m.get("wall_s")), train_wall_s=m.get("wall_s"),
                    schedule=m.get("schedule"), steps=m["steps"], errors=m.get("errors") or {}, finish_s=m.get("finish_s"))
     elif (rdir / "failed.json").is_file():
@@ -284,6 +286,10 @@ def matched_lora(e, summary):
     return min(cands, key=lambda o: abs(math.log(summary[o]["trainable_params"] / s["trainable_params"])), default=None)
 
 
+def task_metric(records):
+    return next((r["task_metric"] for r in records if r.get("task_metric")), TASK_METRIC)
+
+
 def table(records, summary, lrs, header):
     lines = header + ["", "## Final val loss at each lr (mean over the first seeds; div: diverged, fail: failed, …: not run yet)", ""]
     lines += ["| adapter | " + " | ".join(f"{lr:g}" for lr in lrs) + " | best lr |", "| --- |" + " ---: |" * (len(lrs) + 1)]
@@ -297,7 +303,7 @@ def table(records, summary, lrs, header):
         best = "–" if s["best_lr"] is None else f"{s['best_lr']:g}"
         lines.append(f"| {e} | " + " | ".join(cells) + f" | {best} |")
     lines += ["", "## At each adapter's best lr (mean ± std over seeds)", "",
-              "| adapter | r | targets | trainable params | best lr | seeds | val loss | task accuracy | vs LoRA at this budget "
+              f"| adapter | r | targets | trainable params | best lr | seeds | val loss | {task_metric(records)} | vs LoRA at this budget "
               "(Δ val, Δ acc) | init gap max Δlogit | val at init | tokens/s | run wall s |",
               "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     for e, s in summary.items():
@@ -330,7 +336,7 @@ def header_lines(args, train_flags, records):
     return [f"# Study: {len(done)} of {len(records)} runs done", "",
             f"{time.strftime('%Y-%m-%d')}, {device_name(args)}, commit {commit or '?'}. ",
             f"train.py flags: `{' '.join(train_flags) or '(defaults)'}`; each run also gets `--adapter --lr --seed --out-dir --skip {SKIP}`. ",
-            f"The base model: val loss {base[0]}, task accuracy {base[1]} (step 0)."]
+            f"The base model: val loss {base[0]}, {task_metric(records)} {base[1]} (step 0)."]
 
 
 def device_name(args):
@@ -345,13 +351,15 @@ def device_name(args):
 
 
 def plot(summary, records, path):
-    """Final val loss against lr, one line per adapter; the val curves at each adapter's best lr (mean over seeds)."""
+    """Final val loss against lr, one line per adapter; the val curves at each adapter's best lr (mean over seeds); where
+    the runs scored a task, its metric against lr (mean over the runs at each lr)."""
     import plots
 
     plt = plots.pyplot()
     if plt is None:
         return None
-    fig, (a, b) = plt.subplots(1, 2, figsize=(14, 5.5))
+    scored = any(r.get("task_accuracy") is not None for r in records)
+    fig, (a, b, *t) = plt.subplots(1, 3 if scored else 2, figsize=(21 if scored else 14, 5.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (e, s) in enumerate(summary.items()):
         c = colors[i % len(colors)]
@@ -367,9 +375,17 @@ def plot(summary, records, path):
             steps = [p[0] for p in curves[0][:k]]
             vals = [sum(cv[j][1] for cv in curves) / len(curves) for j in range(k)]
             b.plot([0] + steps, [curves and s["val_loss_at_init"]] + vals, color=c, label=f"{e} (lr {s['best_lr']:g}, {len(curves)} seed(s))")
+        acc = {}
+        for r in records:
+            if r["entry"] == e and r["status"] == "done" and r.get("task_accuracy") is not None:
+                acc.setdefault(r["lr"], []).append(100 * r["task_accuracy"])
+        if t and acc:
+            t[0].plot(sorted(acc), [sum(acc[lr]) / len(acc[lr]) for lr in sorted(acc)], marker="o", color=c, label=e)
+    if t:
+        t[0].set(xscale="log", xlabel="peak learning rate", ylabel=f"{task_metric(records)}, %", title=f"{task_metric(records)} against lr")
     a.set(xscale="log", xlabel="peak learning rate", ylabel="final val loss", title="final val loss against lr (x: diverged or failed)")
     b.set(xlabel="step", ylabel="val loss", title="val loss at each adapter's best lr (mean over seeds)")
-    for ax in (a, b):
+    for ax in (a, b, *t):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return plots.save(fig, path, plt, dpi=100, bbox_inches="tight")

