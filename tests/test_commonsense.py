@@ -331,6 +331,16 @@ def test_commonsense_study_smoke_on_a_tiny_llama(tmp_path, capsys):
         assert 0 <= m[when]["accuracy"] <= 1 and m[when]["metric"].startswith("generate")
     table = (out / "study.md").read_text()
     assert "generate (macro average over 4 sets)" in table
+    # per set and scorer (the GPU study's tables): a column per set and the macro average, the base model's row first
+    sets = list(m["task"]["tasks"]) + ["macro"]
+    for metric in ("acc", "acc_norm", "generate"):
+        head = table.index(f"## Per set: {metric}, at each adapter's best lr")
+        rows = table[head:].split("\n\n")[1].splitlines()
+        assert rows[0] == "| adapter | " + " | ".join(sets) + " |"
+        got = {line.split(" | ")[0][2:]: line.strip("| ").split(" | ")[1:] for line in rows[2:]}
+        for who, result in (("base model", m["task_before"]), ("lora", m["task"])):
+            by_set = {**result["tasks"], "macro": result["macro"]}
+            assert got[who] == [f"{100 * by_set[t][metric]['acc']:.1f}%" for t in sets], (metric, who, got[who])
     if llama_optional("matplotlib") is not None:  # the figure has a third panel, the task's metric against lr: wider
         from matplotlib.image import imread
 

@@ -228,3 +228,25 @@ def test_make_task_writes_consecutive_seeds_without_the_eval_expressions(tmp_pat
     want = "".join(task.line(x["metadata"]["expression"], x["answer"]) for x in list(ds)[:20_000] if x["metadata"]["expression"] not in held_out)
     assert (tmp_path / "chain_sum.txt").read_text() == want
     assert spec["training_text"]["problems"] == want.count("\n") < 20_000 and spec["in_training_text"] == 0
+
+
+def test_study_per_set_tables_take_the_base_row_from_step_0_and_average_the_seeds():
+    """A task scored per set (commonsense): one table per scorer metric, the base model's row from the runs' step-0
+    scores, each adapter's cells the mean ± std over its seeds at its best lr; a task scored as one set adds none."""
+    def rec(seed, acc):
+        sets = {"arc_easy": {"acc": acc, "generate": acc / 2}, "boolq": {"acc": 1 - acc, "generate": 0.5}}
+        before = {"arc_easy": {"acc": 0.25, "generate": 0.0}, "boolq": {"acc": 0.5, "generate": 0.125}}
+        return {"entry": "lora", "lr": 1e-3, "seed": seed, "status": "done", "val_loss": 1.0 + seed, "task_accuracy": acc,
+                "tokens_per_s": 1.0, "init_gap_max_abs_logit_diff": 0.0, "val_loss_at_init": 2.0, "wall_s": 1.0,
+                "trainable_params": 10, "rank": 8, "targets": ["q"],
+                "task_sets": {**sets, "macro": {m: (sets["arc_easy"][m] + sets["boolq"][m]) / 2 for m in ("acc", "generate")}},
+                "task_sets_before": {**before, "macro": {"acc": 0.375, "generate": 0.0625}}}
+    records = [rec(0, 0.5), rec(1, 0.7)]
+    summary = study.summarize(records, ["lora"], [1e-3], [0])  # best lr 1e-3 (seed 0), then both seeds at it
+    lines = study.set_tables(records, summary)
+    acc = lines[lines.index("## Per set: acc, at each adapter's best lr (%, mean ± std over seeds)") + 2:][:4]
+    assert acc == ["| adapter | arc_easy | boolq | macro |", "| --- | ---: | ---: | ---: |",
+                   "| base model | 25.0% | 50.0% | 37.5% |", "| lora | 60.0 ± 14.1% | 40.0 ± 14.1% | 50.0 ± 0.0% |"]
+    assert "| base model | 0.0% | 12.5% | 6.2% |" in lines and len([x for x in lines if x.startswith("## Per set")]) == 2
+    assert study.set_tables([{**records[0], "task_sets": {}}], summary) == []  # chain_sum: one set, no per-set tables
+    assert study.per_set({"accuracy": 0.5}) == {}

@@ -219,6 +219,7 @@ def record(out, entry, spec, lr, seed):
                    init_gap_max_abs_logit_diff=m["init_gap_max_abs_logit_diff"], val_curve=[[c["step"], c["val_loss"]] for c in m["curve"]],
                    val_loss=m["val_loss_after"], task_accuracy=task_after.get("accuracy"), task_accuracy_before=task_before.get("accuracy"),
                    task_metric=task_after.get("metric") or task_before.get("metric") or TASK_METRIC,
+                   task_sets=per_set(task_after), task_sets_before=per_set(task_before),
                    tokens_per_s=m["tokens_per_s"], wall_s=run.get("wall_s", m.get("wall_s")), train_wall_s=m.get("wall_s"),
                    schedule=m.get("schedule"), steps=m["steps"], errors=m.get("errors") or {}, finish_s=m.get("finish_s"))
     elif (rdir / "failed.json").is_file():
@@ -227,6 +228,13 @@ def record(out, entry, spec, lr, seed):
     else:
         rec.update(status="pending")
     return rec
+
+
+def per_set(result):
+    """{set: {scorer metric: accuracy}} of a task result scored per set (commonsense.py: acc, acc_norm, generate), the
+    macro average as the set "macro"; {} for a task scored as one set (chain_sum)."""
+    sets = {t: {m: v["acc"] for m, v in r.items() if isinstance(v, dict) and "acc" in v} for t, r in (result.get("tasks") or {}).items()}
+    return {**sets, "macro": {m: v["acc"] for m, v in result["macro"].items()}} if sets else {}
 
 
 def default_rank(name):
@@ -261,6 +269,8 @@ def summarize(records, entries, lrs, first_seeds):
         out[e] = {"sweep": sweep, "best_lr": best, "complete": not any(s["pending"] for s in sweep.values()),
                   "seeds": sorted(r["seed"] for r in at_best),
                   "val_loss": mean_std([r["val_loss"] for r in at_best]), "task_accuracy": mean_std([r["task_accuracy"] for r in at_best]),
+                  "sets": {t: {m: mean_std([r["task_sets"].get(t, {}).get(m) for r in at_best]) for m in v}
+                           for r in at_best[:1] for t, v in (r.get("task_sets") or {}).items()},
                   "tokens_per_s": mean_std([r["tokens_per_s"] for r in at_best])[0],
                   "init_gap": mean_std([r["init_gap_max_abs_logit_diff"] for r in at_best])[0],
                   "val_loss_at_init": mean_std([r["val_loss_at_init"] for r in at_best])[0],
@@ -316,6 +326,7 @@ def table(records, summary, lrs, header):
         lines.append(f"| {e} | {fmt(s['rank'], '')} | {','.join(s['targets'] or []) or '–'} | {fmt(s['trainable_params'], ',')} | "
                      f"{fmt(s['best_lr'], 'g')} | {','.join(map(str, s['seeds'])) or '–'} | {pm(s['val_loss'], 4)} | {pm(s['task_accuracy'], 1, pct=True)} | {vs} | "
                      f"{fmt(s['init_gap'], '.3g')} | {fmt(s['val_loss_at_init'], '.4f')} | {fmt(s['tokens_per_s'], ',.0f')} | {fmt(s['wall_s'], '.0f')} |")
+    lines += set_tables(records, summary)
     failed = [r for r in records if r["status"] in ("failed", "diverged")]
     if failed:
         lines += ["", "## Runs that did not finish", ""] + [f"- {r['entry']} lr {r['lr']:g} seed {r['seed']}: {r['status']}: `{r['last_line']}`" for r in failed]
@@ -323,6 +334,24 @@ def table(records, summary, lrs, header):
     if errors:
         lines += ["", "## Runs with a failed step after training (their results stand)", ""]
         lines += [f"- {r['entry']} lr {r['lr']:g} seed {r['seed']}: {k}: `{v[:200]}`" for r in errors for k, v in r["errors"].items()]
+    return lines
+
+
+def set_tables(records, summary):
+    """For a task scored per set (commonsense): one table per scorer metric, a column per set and the macro average,
+    the base model's row (step 0) above each adapter's at its best lr, in % (mean ± std over seeds)."""
+    done = [r for r in records if r["status"] == "done" and r.get("task_sets")]
+    if not done:
+        return []
+    sets = list(dict.fromkeys(t for r in done for t in r["task_sets"]))
+    base = done[0]["task_sets_before"]
+    lines = []
+    for m in dict.fromkeys(m for r in done for v in r["task_sets"].values() for m in v):
+        lines += ["", f"## Per set: {m}, at each adapter's best lr (%, mean ± std over seeds)", "",
+                  "| adapter | " + " | ".join(sets) + " |", "| --- |" + " ---: |" * len(sets),
+                  "| base model | " + " | ".join(pm((base.get(t, {}).get(m), None), 1, pct=True) for t in sets) + " |"]
+        lines += [f"| {e} | " + " | ".join(pm(s["sets"].get(t, {}).get(m, (None, None)), 1, pct=True) for t in sets) + " |"
+                  for e, s in summary.items()]
     return lines
 
 
