@@ -22,7 +22,6 @@ The two scorers (score):
     python commonsense.py --init-from DIR --eval out/commonsense/commonsense_eval.json [--adapter out/lora/adapter.pt]
     python train.py --init-from DIR --data out/commonsense/commonsense_train.txt --task-eval FILE   # before and after
 """
-import json
 import math
 import re
 import time
@@ -268,10 +267,9 @@ def table(result):
 
 
 def main(argv=None):
-    import argparse
-    import os
     import sys
 
+    import adapt
     import base
     import config
     import engine
@@ -309,7 +307,7 @@ def main(argv=None):
         tok = base.tokenizer(args)
         model = train.load_base(args, s).requires_grad_(False)
         adapters = train.load_adapter(model, a.adapter)[0] if a.adapter else {}
-        with __import__("adapt").merged(model, adapters):
+        with adapt.merged(model, adapters):
             result = score(model, tok, problems, s.device, lambda: engine.autocast(s.device, s.dtype), scorers)
     except (config.UserError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

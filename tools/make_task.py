@@ -209,9 +209,9 @@ def near_copies(train, evals, threshold=0.8):
     filtering: with the words of every question ordered rarest first, two questions that close share a word among the
     first len - ceil(threshold * len) + 1 of each."""
     found = set()
-    for task in dict.fromkeys(it["task"] for it in train):
-        ev = {key(it["question"]) for it in evals if it["task"] == task}
-        tr = [(i, key(it["question"])) for i, it in enumerate(train) if it["task"] == task]
+    for name in dict.fromkeys(it["task"] for it in train):
+        ev = {key(it["question"]) for it in evals if it["task"] == name}
+        tr = [(i, key(it["question"])) for i, it in enumerate(train) if it["task"] == name]
         count = {}
         for k in [*ev, *(k for _, k in tr)]:
             for x in set(k.split()):
