@@ -50,6 +50,9 @@ def transfer_point(adapters):
             for key, col in zip(("f0", "f_prime0", "ba_span"), stats.T)}
 
 
+APPROXIMATE = "the paper's static merge (AuroRA dynamic), an approximation: not the dW of the model trained"
+
+
 @torch.no_grad()
 def rank_report(adapters):
     """Per-module diagnostics and their means; a method with no weight-space dW says why instead. approximate: dW is
@@ -148,8 +151,6 @@ def finish_lines(m, out, figure, skipped_plot):
     fig = f", {figure}" if m["plot"] else "" if "plot" in m["errors"] or skipped_plot else f" (pip install matplotlib for {figure})"
     return lines + [f"saved {out}/adapter.pt, metrics.json" + (", sample.txt" if m["sample"] is not None else "") + fig]
 
-
-APPROXIMATE = "the paper's static merge (AuroRA dynamic), an approximation: not the dW of the model trained"
 
 
 def compare_table(results):

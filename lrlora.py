@@ -277,7 +277,7 @@ def _fused(fn, device):
     return _compiled[fn]
 
 
-_table = lambda device: _fused(sinc_table, device) if device.type == "cuda" else sinc_table  # its ~25 float64 passes fused
+_table = lambda device: _fused(sinc_table, device)  # its ~25 float64 passes fused on CUDA
 
 
 def _by_rows(fn, mats, *args):

@@ -46,21 +46,21 @@ def exact_match(generated, answer):
 def load(path):
     """A task file: JSON with "problems": [{"question", "answer"}, ...] (and what made it, for the record), or a
     commonsense evaluation file ("format": "commonsense", commonsense.check)."""
+    bad = lambda e: ValueError(f"{path}: not a task file ({type(e).__name__}: {e}); tools/make_task.py writes one")  # noqa: E731
     try:
         with open(path, encoding="utf-8") as f:
             spec = json.load(f)
-        if isinstance(spec, dict) and spec.get("format") == "commonsense":
-            commonsense.check(spec, path)
-            return spec
+    except (OSError, ValueError) as e:
+        raise bad(e) from None
+    if isinstance(spec, dict) and spec.get("format") == "commonsense":
+        commonsense.check(spec, path)  # its ValueError names the file and the problem
+        return spec
+    try:
         problems = spec["problems"]
         if not problems or not all(isinstance(p["question"], str) and isinstance(p["answer"], str) for p in problems):
             raise ValueError("no problems, or a problem without a string question and answer")
-    except ValueError as e:
-        if str(e).startswith(str(path)):  # commonsense.check's message names the file and the problem
-            raise
-        raise ValueError(f"{path}: not a task file ({type(e).__name__}: {e}); tools/make_task.py writes one") from None
-    except (OSError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a task file ({type(e).__name__}: {e}); tools/make_task.py writes one") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise bad(e) from None
     return spec
 
 

@@ -278,7 +278,7 @@ def test_lrlora_compiled_passes_and_scatter_copies_match_eager(monkeypatch):
     monkeypatch.setattr(lrlora, "_scatter_copies", lambda T, device: 5)
     y = layer(x)
     got = [y] + list(torch.autograd.grad(y, params, gy))
-    assert len(compiled) == 2
+    assert set(compiled) == {lrlora.sinc_table, lrlora._forward, lrlora._backward}  # the table and both passes, as on CUDA
     for g_, w in zip(got, want):
         torch.testing.assert_close(g_, w, rtol=1e-5, atol=1e-6 * w.abs().max().item())
 
