@@ -277,9 +277,6 @@ def _fused(fn, device):
     return _compiled[fn]
 
 
-_table = lambda device: _fused(sinc_table, device)  # its ~25 float64 passes fused on CUDA
-
-
 def _by_rows(fn, mats, *args):
     """fn on the out x in matrices `mats` (None allowed) and args. Eager, over blocks of EAGER_BLOCK entries, so its
     temporaries stay block-sized: out x in results are stitched back by rows, table-sized ones added. One call on CUDA."""
@@ -313,7 +310,7 @@ class _MergedSincLinear(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):  # B A, the table and f in float32 (or wider) under autocast
             M = B @ A
             lo, h, T = _grid(M, b)
-            W = _by_rows(_forward, [M, W0], lo, 1 / h, _table(M.device)(lo, h, T, a, b, g, center)[0], scale, x.dtype)
+            W = _by_rows(_forward, [M, W0], lo, 1 / h, _fused(sinc_table, M.device)(lo, h, T, a, b, g, center)[0], scale, x.dtype)
         ctx.save_for_backward(x, W0, A, B, a, b, g, lo, h)
         ctx.scale, ctx.T, ctx.center = scale, T, center
         return F.linear(x, W, bias)  # one backbone-shaped matmul; as nn.Linear, so dW = 0 gives base(x) bit for bit
@@ -323,7 +320,7 @@ class _MergedSincLinear(torch.autograd.Function):
         x, W0, A, B, a, b, g, lo, h = ctx.saved_tensors
         with torch.autocast(gy.device.type, enabled=False):
             M = B @ A  # recomputed: an r-rank matmul is cheaper than keeping out x in per layer until backward
-            f_ends, p_ends, s, zds = _table(M.device)(lo, h, ctx.T, a, b, g, ctx.center)  # the same table as forward
+            f_ends, p_ends, s, zds = _fused(sinc_table, M.device)(lo, h, ctx.T, a, b, g, ctx.center)  # forward's table, again
             G = gy.reshape(-1, gy.shape[-1]).T @ x.reshape(-1, x.shape[-1]).to(gy.dtype)  # dL/dW, the weight-gradient GEMM
             W, grad_M, grad_tab = _by_rows(_backward, [M, W0, G], lo, 1 / h, f_ends, p_ends, ctx.scale, gy.dtype,
                                            _scatter_copies(ctx.T, M.device))

@@ -1,5 +1,5 @@
 """Dev-only, on a CUDA GPU: do the adapters' fused paths (torch.compile'd, selected on CUDA by each class's `fused`
-attribute; LR-LoRA's compiled sinc table) compute what the plain PyTorch paths compute? CI has no GPU.
+attribute; LR-LoRA's compiled sinc table and element-wise passes) compute what the plain PyTorch paths compute? CI has no GPU.
 
     python tools/fused_check.py
 
@@ -21,6 +21,7 @@ import genlora  # noqa: E402
 import lrlora  # noqa: E402
 import ranlora  # noqa: E402
 
+FUSED_LRLORA = lrlora._fused
 SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
 ADAPTERS = {  # name: (class, kwargs, the class (or module) whose `fused` switches the path)
     "genlora": (genlora.GenLoRALinear, {"r": 8}),
@@ -32,8 +33,8 @@ ADAPTERS = {  # name: (class, kwargs, the class (or module) whose `fused` switch
 
 
 def set_fused(cls, on):
-    if cls is lrlora.LRLoRALinear:  # its table: compiled on CUDA, else eager
-        lrlora._table = (lambda d: lrlora._fused(lrlora.sinc_table, d)) if on else (lambda d: lrlora.sinc_table)
+    if cls is lrlora.LRLoRALinear:  # its table and element-wise passes: compiled on CUDA, or all eager
+        lrlora._fused = FUSED_LRLORA if on else (lambda fn, device: fn)
     else:
         cls.fused = ("cuda",) if on else ()
 
